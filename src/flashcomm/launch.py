@@ -1,0 +1,157 @@
+"""Run a function on N local ranks (gloo on CPU, NCCL on CUDA) or under torchrun.
+
+`run_local` is the one place that spawns processes: tests, benchmarks and the engine all use it,
+so every spawned group gets the same bounded wait, the same error propagation and the same
+process-group timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+DEFAULT_GROUP_TIMEOUT_S = 60.0
+
+
+class RankFailure(RuntimeError):
+    """A spawned rank raised, timed out or died; the message carries each rank's story."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_backend() -> str:
+    """NCCL when CUDA is available, gloo otherwise."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(
+    rank: int,
+    world: int,
+    backend: str | None = None,
+    group_timeout_s: float = DEFAULT_GROUP_TIMEOUT_S,
+) -> torch.device:
+    """Initialise the default group from MASTER_ADDR/MASTER_PORT and return this rank's device."""
+    backend = backend or default_backend()
+    device = torch.device("cpu")
+    if backend == "nccl":
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend,
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=group_timeout_s),
+        device_id=device if backend == "nccl" else None,
+    )
+    return device
+
+
+def _worker(
+    rank: int,
+    world: int,
+    port: int,
+    backend: str,
+    group_timeout_s: float,
+    threads: int,
+    results: Any,
+    fn: Callable[..., Any],
+    args: tuple,
+) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(threads)
+    try:
+        init_distributed(rank, world, backend, group_timeout_s)
+        out = fn(rank, world, *args)
+        results.put((rank, True, out))
+    except BaseException:  # noqa: BLE001 - the parent reports it with the rank attached
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 - a failed peer may already be gone
+                pass
+
+
+def run_local(
+    fn: Callable[..., Any],
+    nproc: int,
+    *args: Any,
+    backend: str = "gloo",
+    timeout_s: float = 300.0,
+    group_timeout_s: float = DEFAULT_GROUP_TIMEOUT_S,
+    threads_per_rank: int | None = None,
+) -> list[Any]:
+    """Call `fn(rank, world, *args)` on `nproc` spawned ranks and return their results by rank.
+
+    `fn` must be importable (module level) and its result picklable. Raises RankFailure if any
+    rank raises, or if the ranks do not all finish within `timeout_s` (the survivors are killed,
+    so a hang becomes an error)."""
+    if nproc < 1:
+        raise ValueError(f"nproc={nproc}: must be >= 1")
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // nproc)
+    procs = [
+        ctx.Process(
+            target=_worker,
+            args=(r, nproc, port, backend, group_timeout_s, threads, results, fn, args),
+            daemon=True,
+        )
+        for r in range(nproc)
+    ]
+    for p in procs:
+        p.start()
+    outputs: dict[int, Any] = {}
+    errors: dict[int, str] = {}
+    deadline = time.monotonic() + timeout_s
+    error_deadline = 0.0
+    try:
+        while len(outputs) + len(errors) < nproc:
+            if errors and not error_deadline:
+                # peers of a failed rank may block until their own group timeout
+                error_deadline = time.monotonic() + group_timeout_s + 5.0
+            remaining = min(deadline, error_deadline or deadline) - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                rank, ok, value = results.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs)
+                        if not p.is_alive() and p.exitcode not in (0, None)
+                        and r not in outputs and r not in errors]
+                for r in dead:
+                    errors[r] = f"process exited with code {procs[r].exitcode}"
+                continue
+            (outputs if ok else errors)[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=5.0 if not errors else 0.5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    missing = [r for r in range(nproc) if r not in outputs and r not in errors]
+    if errors or missing:
+        story = [f"--- rank {r} ---\n{errors[r]}" for r in sorted(errors)]
+        if missing:
+            story.append(f"ranks {missing} did not finish within {timeout_s:.0f}s (killed)")
+        raise RankFailure(f"{len(errors)} of {nproc} ranks failed\n" + "\n".join(story))
+    return [outputs[r] for r in range(nproc)]

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import socket
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -44,8 +46,9 @@ def init_distributed(
     world: int,
     backend: str | None = None,
     group_timeout_s: float = DEFAULT_GROUP_TIMEOUT_S,
+    init_method: str | None = None,
 ) -> torch.device:
-    """Initialise the default group from MASTER_ADDR/MASTER_PORT and return this rank's device."""
+    """Initialise the default group (env:// unless `init_method` is given); return the device."""
     backend = backend or default_backend()
     device = torch.device("cpu")
     if backend == "nccl":
@@ -57,6 +60,7 @@ def init_distributed(
         rank=rank,
         world_size=world,
         timeout=timedelta(seconds=group_timeout_s),
+        init_method=init_method,
         device_id=device if backend == "nccl" else None,
     )
     return device
@@ -65,7 +69,7 @@ def init_distributed(
 def _worker(
     rank: int,
     world: int,
-    port: int,
+    init_method: str,
     backend: str,
     group_timeout_s: float,
     threads: int,
@@ -73,11 +77,9 @@ def _worker(
     fn: Callable[..., Any],
     args: tuple,
 ) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(threads)
     try:
-        init_distributed(rank, world, backend, group_timeout_s)
+        init_distributed(rank, world, backend, group_timeout_s, init_method)
         out = fn(rank, world, *args)
         results.put((rank, True, out))
     except BaseException:  # noqa: BLE001 - the parent reports it with the rank attached
@@ -108,12 +110,14 @@ def run_local(
         raise ValueError(f"nproc={nproc}: must be >= 1")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = free_port()
+    # a file rendezvous cannot race with other process groups for a TCP port
+    store_dir = tempfile.mkdtemp(prefix="flashcomm-store-")
+    init_method = f"file://{os.path.join(store_dir, 'store')}"
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // nproc)
     procs = [
         ctx.Process(
             target=_worker,
-            args=(r, nproc, port, backend, group_timeout_s, threads, results, fn, args),
+            args=(r, nproc, init_method, backend, group_timeout_s, threads, results, fn, args),
             daemon=True,
         )
         for r in range(nproc)
@@ -148,6 +152,7 @@ def run_local(
             if p.is_alive():
                 p.kill()
                 p.join()
+        shutil.rmtree(store_dir, ignore_errors=True)
     missing = [r for r in range(nproc) if r not in outputs and r not in errors]
     if errors or missing:
         story = [f"--- rank {r} ---\n{errors[r]}" for r in sorted(errors)]

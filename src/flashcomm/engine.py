@@ -1,0 +1,196 @@
+"""Batched generation on one rank: prefill, KV cache, greedy (or temperature) decoding, metrics.
+
+Every TP rank runs the same Engine on the same prompts; the next tokens are broadcast from TP
+rank 0 each step so all ranks feed identical ids even with sampling. Metrics are per rank.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tokenizers import Tokenizer
+from torch import Tensor
+
+from flashcomm.comm import CommCounter
+from flashcomm.config import FlashCommConfig
+from flashcomm.groups import ParallelGroups
+from flashcomm.loader import LoadReport, load_model
+from flashcomm.model import KVCache, Step, Transformer
+
+
+@dataclass
+class GenerationResult:
+    """Generated ids plus this rank's timings, memory and traffic."""
+
+    tokens: list[list[int]]
+    """New token ids per prompt (cut after EOS when stopping at EOS)."""
+    text: list[str] | None
+    """Decoded new tokens per prompt, when a tokenizer exists."""
+    prefill_ms: float
+    """Wall time of the batched prefill step (first token included)."""
+    decode_ms_per_token: float
+    """Mean wall time of one decode step (one new token for every sequence)."""
+    decode_steps: int
+    """Decode steps run (max_new_tokens - 1 unless every sequence hit EOS)."""
+    o_proj_bytes: int
+    """Resident o_proj weight bytes on this rank (ring buffers included)."""
+    weight_bytes: int
+    """All resident weight bytes on this rank."""
+    kv_cache_bytes: int
+    """Bytes of this rank's KV cache for this batch."""
+    comm_bytes: int
+    """Bytes this rank sent in the model's collectives during generation."""
+    comm_bytes_by_op: dict[str, int] = field(default_factory=dict)
+    """comm_bytes split by collective."""
+    prefill_comm_bytes: int = 0
+    """comm_bytes of the prefill step."""
+    decode_comm_bytes_per_step: float = 0.0
+    """Mean comm_bytes of one decode step."""
+    fetch_bytes_per_step: float = 0.0
+    """O-Shard: o_proj bytes received into the ring per forward step (0 otherwise)."""
+    blocked_wait_ms: float = 0.0
+    """O-Shard: host time blocked in series.wait during generation."""
+
+    def to_dict(self) -> dict:
+        """JSON-ready fields."""
+        return asdict(self)
+
+
+class Engine:
+    """A loaded model plus tokenizer; `generate` runs one batch to completion."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None,
+                 eos_token_ids: tuple[int, ...] = (), load_report: LoadReport | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.load_report = load_report or LoadReport()
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        cfg: FlashCommConfig,
+        groups: ParallelGroups | None = None,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        progress: bool = True,
+        flashcomm2_min_tokens: int = 0,
+    ) -> Engine:
+        """Load this rank's part of the checkpoint at `path` (collective when layer-sharded)."""
+        counter = CommCounter() if groups is not None else None
+        model, report = load_model(path, cfg, groups, device=device, dtype=dtype,
+                                   counter=counter, progress=progress,
+                                   flashcomm2_min_tokens=flashcomm2_min_tokens)
+        tok_file = Path(path) / "tokenizer.json"
+        tokenizer = Tokenizer.from_file(str(tok_file)) if tok_file.is_file() else None
+        eos = json.loads((Path(path) / "config.json").read_text()).get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        return cls(model, tokenizer, eos_ids, report)
+
+    def encode(self, prompts: list[str]) -> list[list[int]]:
+        """Token ids of each prompt through the checkpoint's tokenizer.json."""
+        if self.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer.json: pass token ids instead")
+        return [self.tokenizer.encode(p).ids for p in prompts]
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, *,
+                 temperature: float = 0.0, seed: int = 0,
+                 stop_at_eos: bool = False) -> GenerationResult:
+        """Batched prefill of every prompt, then one decode step per new token."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+        vocab = self.model.args.vocab_size
+        bad = [t for p in prompts for t in p if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        model, ctx = self.model, self.model.ctx
+        device = model.tok_embeddings.weight.device
+        lens = [len(p) for p in prompts]
+        cache = KVCache.allocate(model.args.n_layers, len(prompts), max(lens) + max_new_tokens,
+                                 model.plan.n_kv, model.args.head_dim,
+                                 model.tok_embeddings.weight.dtype, device)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        counter, series = ctx.counter, ctx.o_series
+        if counter is not None:
+            counter.reset()
+        wait0 = series.stats().blocked_wait_s if series else 0.0
+        recv0 = series.stats().bytes_received if series else 0
+
+        self._sync()
+        t0 = time.perf_counter()
+        tokens = torch.tensor([t for p in prompts for t in p], device=device)
+        logits = model(tokens, Step.build([0] * len(lens), lens, device), cache)
+        nxt = self._next_tokens(logits, temperature, gen)
+        self._sync()
+        prefill_ms = (time.perf_counter() - t0) * 1e3
+        prefill_comm = counter.total() if counter is not None else 0
+
+        out = [nxt.tolist()]
+        done = torch.zeros(len(prompts), dtype=torch.bool)
+        t1, steps = time.perf_counter(), 0
+        for _ in range(max_new_tokens - 1):
+            if stop_at_eos:
+                done |= torch.isin(nxt.cpu(), torch.tensor(self.eos_token_ids, dtype=torch.long))
+                if bool(done.all()):
+                    break
+            step = Step.build([n + steps for n in lens], [1] * len(lens), device)
+            nxt = self._next_tokens(model(nxt, step, cache), temperature, gen)
+            out.append(nxt.tolist())
+            steps += 1
+        self._sync()
+        decode_ms = (time.perf_counter() - t1) * 1e3 / max(steps, 1)
+
+        per_seq = [list(col) for col in zip(*out, strict=True)]
+        if stop_at_eos:
+            per_seq = [_cut_after(s, self.eos_token_ids) for s in per_seq]
+        total = counter.total() if counter is not None else 0
+        st = series.stats() if series else None
+        return GenerationResult(
+            tokens=per_seq,
+            text=[self.tokenizer.decode(s) for s in per_seq] if self.tokenizer else None,
+            prefill_ms=prefill_ms, decode_ms_per_token=decode_ms, decode_steps=steps,
+            o_proj_bytes=model.o_proj_bytes(), weight_bytes=model.weight_bytes(),
+            kv_cache_bytes=cache.nbytes, comm_bytes=total,
+            comm_bytes_by_op=dict(counter.bytes_sent) if counter is not None else {},
+            prefill_comm_bytes=prefill_comm,
+            decode_comm_bytes_per_step=(total - prefill_comm) / max(steps, 1),
+            fetch_bytes_per_step=(st.bytes_received - recv0) / (steps + 1) if st else 0.0,
+            blocked_wait_ms=(st.blocked_wait_s - wait0) * 1e3 if st else 0.0,
+        )
+
+    def _next_tokens(self, logits: Tensor, temperature: float, gen: torch.Generator) -> Tensor:
+        """[B, V] logits -> [B] ids, identical on every TP rank (broadcast from TP rank 0)."""
+        if temperature > 0:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        else:
+            nxt = logits.argmax(dim=-1)
+        groups = self.model.ctx.groups
+        if groups is not None and groups.tp.group is not None:
+            dist.broadcast(nxt, src=groups.tp.global_rank(0), group=groups.tp.group)
+        return nxt
+
+    def _sync(self) -> None:
+        device = self.model.tok_embeddings.weight.device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        groups = self.model.ctx.groups
+        if groups is not None and groups.tp.group is not None:
+            dist.barrier(group=groups.tp.group)
+
+
+def _cut_after(seq: list[int], eos: tuple[int, ...]) -> list[int]:
+    for i, t in enumerate(seq):
+        if t in eos:
+            return seq[:i + 1]
+    return seq

@@ -1,0 +1,239 @@
+"""Hugging Face safetensors checkpoints -> this rank's slices of a Transformer.
+
+Every file is opened with `safe_open` (memory-mapped, lazy `get_slice`), so a rank reads only the
+rows/columns it holds, and a rank that does not own a layer-sharded o_proj never reads it (it
+registers a meta placeholder with the series instead). Everything that can be wrong with a
+checkpoint (config field, missing tensor, wrong shape, truncated file) is checked from the
+headers first, on every rank alike, before the first collective (the series' finalize).
+Nothing is unpickled: only config.json, the safetensors index and safetensors files are read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor
+from tqdm import tqdm
+
+from flashcomm.comm import CommCounter
+from flashcomm.config import ConfigError, FlashCommConfig
+from flashcomm.groups import ParallelGroups
+from flashcomm.model import CheckpointError, ModelArgs, TPContext, TPPlan, Transformer
+from flashcomm.sharding import ShardedSeries
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One checkpoint tensor: where it goes and which part of it this rank reads."""
+
+    name: str
+    """Hugging Face name, e.g. model.layers.0.self_attn.q_proj.weight."""
+    target: str
+    """Our parameter name (state_dict key), or o_proj.<layer> for a layer-sharded o_proj."""
+    shape: tuple[int, ...]
+    """Full shape expected in the checkpoint."""
+    dim: int = 0
+    """Dimension that is sliced (when `part` is set)."""
+    part: tuple[int, int] | None = None
+    """[start, end) along `dim` read by this rank; None reads the whole tensor."""
+
+
+@dataclass
+class LoadReport:
+    """What one rank read while loading."""
+
+    names: list[str] = field(default_factory=list)
+    """Checkpoint tensors this rank read (in part or fully)."""
+    bytes_read: int = 0
+    """Bytes of tensor data this rank read."""
+
+
+def tensor_specs(args: ModelArgs, plan: TPPlan) -> list[TensorSpec]:
+    """Every tensor the model needs from the checkpoint, with this rank's slice of it."""
+    h, hd, i_sz = args.dim, args.head_dim, args.intermediate_size
+    q_rows = (plan.q_heads[0] * hd, plan.q_heads[1] * hd)
+    kv_rows = (plan.kv_heads[0] * hd, plan.kv_heads[1] * hd)
+    specs = [TensorSpec("model.embed_tokens.weight", "tok_embeddings.weight",
+                        (args.vocab_size, h))]
+    for i in range(args.n_layers):
+        p, t = f"model.layers.{i}.", f"layers.{i}."
+        a, m = p + "self_attn.", p + "mlp."
+        specs += [
+            TensorSpec(p + "input_layernorm.weight", t + "attention_norm.weight", (h,)),
+            TensorSpec(p + "post_attention_layernorm.weight", t + "ffn_norm.weight", (h,)),
+            TensorSpec(a + "q_proj.weight", t + "attention.wq.weight", (args.q_dim, h), 0, q_rows),
+            TensorSpec(a + "k_proj.weight", t + "attention.wk.weight",
+                       (args.n_kv_heads * hd, h), 0, kv_rows),
+            TensorSpec(a + "v_proj.weight", t + "attention.wv.weight",
+                       (args.n_kv_heads * hd, h), 0, kv_rows),
+            TensorSpec(a + "o_proj.weight", t + "attention.wo", (h, args.q_dim), 1, plan.o_cols),
+            TensorSpec(m + "gate_proj.weight", t + "feed_forward.w1.weight", (i_sz, h), 0,
+                       plan.ffn),
+            TensorSpec(m + "up_proj.weight", t + "feed_forward.w3.weight", (i_sz, h), 0, plan.ffn),
+            TensorSpec(m + "down_proj.weight", t + "feed_forward.w2.weight", (h, i_sz), 1,
+                       plan.ffn),
+        ]
+        if args.qkv_bias:
+            specs += [
+                TensorSpec(a + "q_proj.bias", t + "attention.wq.bias", (args.q_dim,), 0, q_rows),
+                TensorSpec(a + "k_proj.bias", t + "attention.wk.bias", (args.n_kv_heads * hd,), 0,
+                           kv_rows),
+                TensorSpec(a + "v_proj.bias", t + "attention.wv.bias", (args.n_kv_heads * hd,), 0,
+                           kv_rows),
+            ]
+        if args.o_bias:
+            specs.append(TensorSpec(a + "o_proj.bias", t + "attention.o_bias", (h,)))
+        if args.qk_norm:
+            specs += [TensorSpec(a + "q_norm.weight", t + "attention.q_norm.weight", (hd,)),
+                      TensorSpec(a + "k_norm.weight", t + "attention.k_norm.weight", (hd,))]
+        if args.mlp_bias:
+            specs += [
+                TensorSpec(m + "gate_proj.bias", t + "feed_forward.w1.bias", (i_sz,), 0, plan.ffn),
+                TensorSpec(m + "up_proj.bias", t + "feed_forward.w3.bias", (i_sz,), 0, plan.ffn),
+                TensorSpec(m + "down_proj.bias", t + "feed_forward.w2_bias", (h,)),
+            ]
+    specs.append(TensorSpec("model.norm.weight", "norm.weight", (h,)))
+    if not args.tie_word_embeddings:
+        specs.append(TensorSpec("lm_head.weight", "output.weight", (args.vocab_size, h)))
+    return specs
+
+
+def checkpoint_index(path: str | Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:
+    """Tensor name -> (file, shape, dtype) from the safetensors headers (no data read)."""
+    root = Path(path)
+    index_file = root / "model.safetensors.index.json"
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index_file}: not a safetensors index ({e})") from None
+        files = sorted({root / f for f in weight_map.values()})
+    else:
+        files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{root}: no *.safetensors file (only safetensors is supported)")
+    out: dict[str, tuple[Path, tuple[int, ...], str]] = {}
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{f}: listed in the index but missing")
+        try:  # safe_open checks that the header's offsets cover the file exactly
+            with safe_open(f, framework="pt") as handle:
+                for name in handle.keys():
+                    s = handle.get_slice(name)
+                    out[name] = (f, tuple(s.get_shape()), s.get_dtype())
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{f}: unreadable or truncated safetensors file ({e})") from None
+    return out
+
+
+def validate_checkpoint(index: dict[str, tuple[Path, tuple[int, ...], str]],
+                        specs: list[TensorSpec]) -> None:
+    """Raise CheckpointError naming the first missing or mis-shaped tensor."""
+    for spec in specs:
+        if spec.name not in index:
+            raise CheckpointError(f"checkpoint: tensor {spec.name!r} is missing")
+        f, shape, dtype = index[spec.name]
+        if shape != spec.shape:
+            raise CheckpointError(
+                f"checkpoint: tensor {spec.name!r} in {f.name} has shape {list(shape)}, "
+                f"expected {list(spec.shape)} from config.json"
+            )
+        if dtype not in _DTYPES:
+            raise CheckpointError(
+                f"checkpoint: tensor {spec.name!r} has dtype {dtype}; allowed: {sorted(_DTYPES)}"
+            )
+
+
+def _read(handle, spec: TensorSpec) -> Tensor:
+    s = handle.get_slice(spec.name)
+    if spec.part is None:
+        return s[:]
+    a, b = spec.part
+    return s[a:b] if spec.dim == 0 else s[:, a:b]
+
+
+def load_model(
+    path: str | Path,
+    cfg: FlashCommConfig,
+    groups: ParallelGroups | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    counter: CommCounter | None = None,
+    progress: bool = True,
+    flashcomm2_min_tokens: int = 0,
+) -> tuple[Transformer, LoadReport]:
+    """Build this rank's Transformer from a checkpoint directory (collective when sharded)."""
+    device = torch.device(device)
+    args = ModelArgs.from_dir(path)
+    tp = 1 if groups is None else groups.tp.size
+    if groups is not None and tp != cfg.tp:
+        raise ConfigError(f"tp={cfg.tp}: the TP group has {tp} ranks")
+    tp_rank = 0 if groups is None else groups.tp.rank
+    otp = cfg.flashcomm2_otp if groups is not None else 0
+    plan = TPPlan.build(args, tp, tp_rank, otp)
+    sharded = groups is not None and "o_proj" in cfg.layer_sharding
+    other = [w for w in cfg.layer_sharding if w != "o_proj"]
+    if other:
+        raise ConfigError(f"layer_sharding={other}: Llama-family models only shard 'o_proj'")
+    if sharded and not 0 <= cfg.prefetch_step <= args.n_layers - 2:
+        raise ConfigError(
+            f"prefetch_step={cfg.prefetch_step}: must be in [0, L-2] = [0, {args.n_layers - 2}] "
+            f"for L={args.n_layers} layers"
+        )
+    index = checkpoint_index(path)
+    specs = tensor_specs(args, plan)
+    validate_checkpoint(index, specs)
+    if dtype is None:
+        dtype = _DTYPES[index["model.embed_tokens.weight"][2]]
+
+    series = None
+    if sharded:
+        series = ShardedSeries("o_proj", groups.shard["o_proj"], cfg.prefetch_step)
+    ctx = TPContext(cfg, groups, counter, series, flashcomm2_min_tokens)
+    with torch.device("meta"):
+        model = Transformer(args, plan, ctx)
+
+    report = LoadReport()
+    state: dict[str, Tensor] = {}
+    o_weights: dict[int, Tensor] = {}
+    by_file: dict[Path, list[TensorSpec]] = {}
+    for spec in specs:
+        by_file.setdefault(index[spec.name][0], []).append(spec)
+    rank0 = groups is None or groups.rank == 0
+    bar = tqdm(total=len(specs), desc="loading", unit="tensor", disable=not (progress and rank0))
+    for f, file_specs in by_file.items():
+        with safe_open(f, framework="pt") as handle:
+            for spec in file_specs:
+                bar.update(1)
+                layer = _o_proj_layer(spec)
+                if sharded and layer is not None and not series.owns(layer):
+                    width = plan.o_cols[1] - plan.o_cols[0]
+                    o_weights[layer] = torch.empty(args.dim, width, dtype=dtype, device="meta")
+                    continue  # a non-owner never reads this layer
+                t = _read(handle, spec).to(device=device, dtype=dtype).contiguous()
+                report.names.append(spec.name)
+                report.bytes_read += t.nbytes
+                if sharded and layer is not None:
+                    o_weights[layer] = t
+                else:
+                    state[spec.target] = t
+    bar.close()
+    model.load_state_dict(state, strict=True, assign=True)
+    if series is not None:
+        for layer in sorted(o_weights):
+            series.register(layer, o_weights[layer])
+        series.finalize()  # the first collective: every check above has passed on every rank
+    return model, report
+
+
+def _o_proj_layer(spec: TensorSpec) -> int | None:
+    if not spec.name.endswith("self_attn.o_proj.weight"):
+        return None
+    return int(spec.name.split(".")[2])

@@ -1,0 +1,540 @@
+"""A tensor-parallel Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) in plain PyTorch.
+
+Reads top to bottom: ModelArgs (from a Hugging Face config.json) -> TPPlan (what this rank holds)
+-> Step (the flattened varlen batch of one forward) -> KVCache -> the modules -> Transformer.
+
+Layout of one step: the T tokens of every sequence in the batch are flattened into one token
+dimension ([T, H], token dim first), which is exactly FlashComm's token dimension. Parallelism:
+  * QKV and gate/up are column-parallel (heads / intermediate split over the N TP ranks);
+    when kv heads < N, kv heads are replicated so each rank holds the kv heads its q heads need;
+  * down_proj is row-parallel (partial sums, then all-reduce, or reduce-scatter with FlashComm1);
+  * o_proj follows the strategy: row-parallel + all-reduce ("allreduce"), or FlashComm2's
+    all-to-all before a replicated W_o (full [H, D] at otp=1, the [H, D/otp] slice otherwise),
+    optionally layer-sharded through a ShardedSeries (prefetch at QKV start, wait at o_proj);
+  * with FlashComm1 the residual stream between layers is this rank's token chunk [T_pad/N, H];
+  * embeddings, final norm and lm_head are replicated on every rank (simplest; small models).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flashcomm import comm
+from flashcomm.config import FlashCommConfig
+from flashcomm.groups import GroupHandle, ParallelGroups
+from flashcomm.sharding import ShardedSeries
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (config.json or tensors) cannot be used; the message names the field/tensor."""
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Architecture of a Llama-family decoder, parsed from a Hugging Face config.json."""
+
+    model_type: str
+    """One of SUPPORTED_MODEL_TYPES."""
+    vocab_size: int
+    """Number of token ids."""
+    dim: int
+    """Hidden size H."""
+    n_layers: int
+    """Number of decoder layers L."""
+    n_heads: int
+    """Query heads."""
+    n_kv_heads: int
+    """Key/value heads (GQA when fewer than n_heads)."""
+    head_dim: int
+    """Per-head dimension; D = n_heads * head_dim may differ from H (Qwen3)."""
+    intermediate_size: int
+    """MLP inner size."""
+    norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    rope_scaling: dict[str, Any] | None = None
+    """llama3 RoPE scaling parameters, or None."""
+    qkv_bias: bool = False
+    """Bias on q/k/v projections (Qwen2, Llama attention_bias)."""
+    o_bias: bool = False
+    """Bias on o_proj (Llama attention_bias)."""
+    mlp_bias: bool = False
+    """Bias on gate/up/down (Llama mlp_bias)."""
+    qk_norm: bool = False
+    """Per-head RMSNorm on q and k (Qwen3)."""
+    tie_word_embeddings: bool = False
+    """lm_head shares the embedding matrix."""
+    sliding_windows: tuple[int | None, ...] = ()
+    """Per layer: attention window (keys with q_pos - k_pos < window), or None for full causal."""
+
+    @property
+    def q_dim(self) -> int:
+        """D = n_heads * head_dim, the o_proj input width."""
+        return self.n_heads * self.head_dim
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> ModelArgs:
+        """Parse a config.json dict; CheckpointError names the offending field."""
+        mt = cfg.get("model_type")
+        if mt not in SUPPORTED_MODEL_TYPES:
+            raise CheckpointError(
+                f"config.json: model_type={mt!r} is not supported; allowed: {SUPPORTED_MODEL_TYPES}"
+            )
+
+        def need(name: str) -> Any:
+            if name not in cfg or cfg[name] is None:
+                raise CheckpointError(f"config.json: field {name!r} is missing ({mt})")
+            return cfg[name]
+
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise CheckpointError(f"config.json: hidden_act={act!r} is not supported; allowed: silu")
+        n_heads = int(need("num_attention_heads"))
+        dim = int(need("hidden_size"))
+        n_kv = int(cfg.get("num_key_value_heads") or n_heads)
+        head_dim = int(cfg.get("head_dim") or dim // n_heads)
+        n_layers = int(need("num_hidden_layers"))
+        if n_heads % n_kv:
+            raise CheckpointError(
+                f"config.json: num_attention_heads={n_heads} must be a multiple of "
+                f"num_key_value_heads={n_kv}"
+            )
+        theta, scaling = _rope_params(cfg)
+        windows = _sliding_windows(cfg, mt, n_layers)
+        bias = bool(cfg.get("attention_bias", False))
+        return cls(
+            model_type=mt, vocab_size=int(need("vocab_size")), dim=dim, n_layers=n_layers,
+            n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
+            intermediate_size=int(need("intermediate_size")),
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
+            qkv_bias=True if mt == "qwen2" else bias, o_bias=False if mt == "qwen2" else bias,
+            mlp_bias=bool(cfg.get("mlp_bias", False)), qk_norm=mt == "qwen3",
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            sliding_windows=windows,
+        )
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> ModelArgs:
+        """Parse `path`/config.json."""
+        f = Path(path) / "config.json"
+        if not f.is_file():
+            raise CheckpointError(f"{f}: config.json not found")
+        try:
+            return cls.from_hf_config(json.loads(f.read_text()))
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+
+
+def _rope_params(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    # transformers >= 5 writes rope_parameters; older checkpoints rope_theta + rope_scaling
+    params = dict(cfg.get("rope_parameters") or {})
+    params.update(cfg.get("rope_scaling") or {})
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind != "llama3":
+        raise CheckpointError(
+            f"config.json: rope_scaling type {kind!r} is not supported; allowed: default, llama3"
+        )
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [k for k in keys if k not in params]
+    if missing:
+        raise CheckpointError(f"config.json: llama3 rope_scaling is missing {missing}")
+    return theta, {k: float(params[k]) for k in keys}
+
+
+def _sliding_windows(cfg: dict[str, Any], mt: str, n_layers: int) -> tuple[int | None, ...]:
+    window = cfg.get("sliding_window")
+    if mt == "mistral":  # Mistral applies its window (if any) on every layer
+        return (window,) * n_layers
+    types = cfg.get("layer_types") or ["full_attention"] * n_layers
+    if mt in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+        types = ["full_attention"] * n_layers
+    return tuple(window if t == "sliding_attention" else None for t in types)
+
+
+def rope_inv_freq(args: ModelArgs) -> Tensor:
+    """[head_dim/2] float32 inverse frequencies, llama3-scaled when configured."""
+    d = args.head_dim
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, device="cpu").float() / d))
+    s = args.rope_scaling
+    if s is None:
+        return inv
+    low_wl = s["original_max_position_embeddings"] / s["low_freq_factor"]
+    high_wl = s["original_max_position_embeddings"] / s["high_freq_factor"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wl, inv / s["factor"], inv)
+    smooth = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / (
+        s["high_freq_factor"] - s["low_freq_factor"]
+    )
+    smoothed = (1 - smooth) * scaled / s["factor"] + smooth * scaled
+    medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+    return torch.where(medium, smoothed, scaled)
+
+
+# ---- what this rank holds -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TPPlan:
+    """The slices of every weight that one TP rank holds (head / column ranges)."""
+
+    tp: int
+    """TP size N (1 = single process)."""
+    rank: int
+    """This rank's TP index."""
+    q_heads: tuple[int, int]
+    """[start, end) of the query heads computed here."""
+    kv_heads: tuple[int, int]
+    """[start, end) of the kv heads held here (replicated when n_kv_heads < N)."""
+    kv_index: tuple[int, ...]
+    """For each local q head, its local kv head."""
+    ffn: tuple[int, int]
+    """[start, end) of the MLP intermediate columns."""
+    o_cols: tuple[int, int]
+    """[start, end) of o_proj input columns (of D) held: D/N, D/otp or all of D."""
+
+    @classmethod
+    def build(cls, args: ModelArgs, tp: int, rank: int, otp: int = 0) -> TPPlan:
+        """Split `args` over `tp` ranks; otp > 0 means FlashComm2 (W_o slice of its odp group)."""
+        if args.n_heads % tp:
+            raise CheckpointError(
+                f"num_attention_heads={args.n_heads} is not divisible by tp={tp}"
+            )
+        if args.intermediate_size % tp:
+            raise CheckpointError(
+                f"intermediate_size={args.intermediate_size} is not divisible by tp={tp}"
+            )
+        if args.n_kv_heads % tp and tp % args.n_kv_heads:
+            raise CheckpointError(
+                f"num_key_value_heads={args.n_kv_heads}: must divide tp={tp} or be a multiple of it"
+            )
+        hq = args.n_heads // tp
+        group = args.n_heads // args.n_kv_heads  # q heads per kv head
+        q0, q1 = rank * hq, (rank + 1) * hq
+        kv0, kv1 = q0 // group, (q1 - 1) // group + 1
+        kv_index = tuple(q // group - kv0 for q in range(q0, q1))
+        ff = args.intermediate_size // tp
+        d = args.q_dim
+        if otp:  # FlashComm2: odp group j = rank // odp holds rows j of W_o's otp split
+            j, width = rank // (tp // otp), d // otp
+            o_cols = (j * width, (j + 1) * width)
+        else:
+            o_cols = (rank * d // tp, (rank + 1) * d // tp)
+        return cls(tp, rank, (q0, q1), (kv0, kv1), kv_index, (rank * ff, (rank + 1) * ff), o_cols)
+
+    @property
+    def n_q(self) -> int:
+        """Local query heads."""
+        return self.q_heads[1] - self.q_heads[0]
+
+    @property
+    def n_kv(self) -> int:
+        """Local kv heads."""
+        return self.kv_heads[1] - self.kv_heads[0]
+
+
+@dataclass
+class TPContext:
+    """Everything a forward needs about parallelism; one per rank, passed explicitly."""
+
+    cfg: FlashCommConfig
+    """The strategy knobs (tp, flashcomm2_otp, flashcomm1, layer_sharding, comm_dtype)."""
+    groups: ParallelGroups | None = None
+    """This rank's process groups; None for the single-process reference."""
+    counter: comm.CommCounter | None = None
+    """Bytes moved by this rank's collectives."""
+    o_series: ShardedSeries | None = None
+    """The layer-sharded o_proj weights (None when o_proj is not layer-sharded)."""
+    flashcomm2_min_tokens: int = 0
+    """Steps with fewer tokens use the row-parallel o_proj (on W_o's own D/N columns) instead."""
+
+    @property
+    def tp_group(self) -> GroupHandle | None:
+        """The TP group, or None when single-process."""
+        return None if self.groups is None else self.groups.tp
+
+    @property
+    def flashcomm1(self) -> bool:
+        """Whether the residual stream is token-chunked between layers."""
+        return self.groups is not None and self.cfg.flashcomm1
+
+
+# ---- one step of a varlen batch -------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    """Index metadata of one forward over B sequences, each adding n_b tokens at start_b."""
+
+    num_tokens: int
+    """T: tokens in this step over all sequences."""
+    seq: Tensor
+    """[T] cache row (sequence) of each flat token."""
+    pos: Tensor
+    """[T] absolute position of each flat token."""
+    offset: Tensor
+    """[T] index of each flat token within its sequence's new tokens."""
+    gather: Tensor
+    """[B, n_max] flat index feeding each padded query slot (pads repeat the last token)."""
+    q_pos: Tensor
+    """[B, n_max] absolute position of each padded query slot."""
+    kv_len: int
+    """S: cache length every sequence is attended over (max start_b + n_b)."""
+    logit_rows: Tensor | None = None
+    """Flat rows whose logits are returned (None: all rows)."""
+
+    @classmethod
+    def build(cls, starts: list[int], counts: list[int], device: torch.device,
+              last_only: bool = True) -> Step:
+        """A step where sequence b adds counts[b] >= 1 tokens after its first starts[b]."""
+        if any(c < 1 for c in counts):
+            raise ValueError(f"counts={counts}: every sequence must add at least one token")
+        n_max = max(counts)
+        seq = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+        first = torch.tensor([0, *counts[:-1]]).cumsum(0)  # flat index of each sequence's 1st
+        offset = torch.arange(len(seq)) - first[seq]
+        j = torch.minimum(torch.arange(n_max)[None, :], torch.tensor(counts)[:, None] - 1)
+        start = torch.tensor(starts)
+        last = first + torch.tensor(counts) - 1
+        return cls(
+            num_tokens=len(seq), seq=seq.to(device), pos=(start[seq] + offset).to(device),
+            offset=offset.to(device), gather=(first[:, None] + j).to(device),
+            q_pos=(start[:, None] + j).to(device),
+            kv_len=max(s + c for s, c in zip(starts, counts, strict=True)),
+            logit_rows=last.to(device) if last_only else None,
+        )
+
+    def mask(self, window: int | None) -> Tensor:
+        """[B, 1, n_max, S] bool: key position k visible to a query at position q."""
+        k = torch.arange(self.kv_len, device=self.q_pos.device)
+        q = self.q_pos[:, None, :, None]
+        m = k <= q
+        if window is not None:
+            m &= q - k < window
+        return m
+
+
+@dataclass
+class KVCache:
+    """Per layer key/value buffers [B, S_max, local kv heads, head_dim] for a batch of B rows."""
+
+    k: list[Tensor] = field(default_factory=list)
+    """Keys per layer."""
+    v: list[Tensor] = field(default_factory=list)
+    """Values per layer."""
+
+    @classmethod
+    def allocate(cls, n_layers: int, batch: int, max_len: int, n_kv: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> KVCache:
+        """Zeroed buffers for `batch` sequences of up to `max_len` positions."""
+        shape = (batch, max_len, n_kv, head_dim)
+        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)],
+                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the buffers."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+# ---- modules ---------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32 (as Hugging Face does)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [..., dim] -> same shape."""
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [T, heads, hd]; cos/sin [T, hd] (two halves, Hugging Face's rotate_half convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def token_chunk(x: Tensor, group: GroupHandle) -> Tensor:
+    """[T, H] replicated -> this rank's chunk [T_pad/N, H] of the zero-padded token dim."""
+    n = group.size
+    t_pad = -(-x.shape[0] // n) * n
+    chunk = t_pad // n
+    x = F.pad(x, (0, 0, 0, t_pad - x.shape[0]))
+    return x[group.rank * chunk:(group.rank + 1) * chunk]
+
+
+class Attention(nn.Module):
+    """GQA attention over this rank's heads; o_proj follows the TPContext's strategy."""
+
+    def __init__(self, args: ModelArgs, plan: TPPlan, layer_idx: int, sharded_o: bool) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_q, self.n_kv, self.head_dim = plan.n_q, plan.n_kv, args.head_dim
+        self.window = args.sliding_windows[layer_idx] if args.sliding_windows else None
+        self.wq = nn.Linear(args.dim, plan.n_q * args.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, plan.n_kv * args.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, plan.n_kv * args.head_dim, bias=args.qkv_bias)
+        o_width = plan.o_cols[1] - plan.o_cols[0]
+        # a layer-sharded W_o lives in the series, not here
+        self.wo = None if sharded_o else nn.Parameter(torch.empty(args.dim, o_width))
+        self.o_bias = nn.Parameter(torch.zeros(args.dim)) if args.o_bias else None
+        self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
+        # this rank's own D/N columns inside the held W_o columns (row-parallel fallback)
+        own = plan.q_heads[0] * args.head_dim - plan.o_cols[0]
+        self.own_cols = (own, own + plan.n_q * args.head_dim)
+        self.kv_index = list(plan.kv_index)
+
+    def forward(self, x: Tensor, step: Step, cache: KVCache, cos: Tensor, sin: Tensor,
+                ctx: TPContext) -> Tensor:
+        """x [T, H] -> [T, H], or [T_pad/N, H] with FlashComm1."""
+        if ctx.o_series is not None:
+            ctx.o_series.prefetch(self.layer_idx)  # overlaps QKV + attention (k = 0) or more
+        t, hd = x.shape[0], self.head_dim
+        q = self.wq(x).view(t, self.n_q, hd)
+        k = self.wk(x).view(t, self.n_kv, hd)
+        v = self.wv(x).view(t, self.n_kv, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_cache, v_cache = cache.k[self.layer_idx], cache.v[self.layer_idx]
+        k_cache[step.seq, step.pos] = k
+        v_cache[step.seq, step.pos] = v
+        kv_index = torch.tensor(self.kv_index, device=x.device)
+        qp = q[step.gather].transpose(1, 2)  # [B, hq, n_max, hd]
+        kp = k_cache[:, :step.kv_len].index_select(2, kv_index).transpose(1, 2)  # [B, hq, S, hd]
+        vp = v_cache[:, :step.kv_len].index_select(2, kv_index).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=step.mask(self.window))
+        o = o.transpose(1, 2)[step.seq, step.offset]  # [T, hq, hd]
+        return self.o_proj(o.reshape(t, self.n_q * hd), ctx)
+
+    def o_proj(self, x: Tensor, ctx: TPContext) -> Tensor:
+        """x [T, D/N] -> [T, H] (or [T_pad/N, H] with FlashComm1), bias added once."""
+        w = ctx.o_series.wait(self.layer_idx) if ctx.o_series is not None else self.wo
+        if ctx.groups is None:
+            return F.linear(x, w, self.o_bias)
+        fc1 = ctx.cfg.flashcomm1
+        if ctx.cfg.flashcomm2 and x.shape[0] >= ctx.flashcomm2_min_tokens:
+            return comm.flashcomm2_o_proj(x, w, self.o_bias, ctx.groups, flashcomm1=fc1,
+                                          comm_dtype=ctx.cfg.comm_dtype, counter=ctx.counter)
+        if ctx.cfg.flashcomm2:  # few tokens: row-parallel on W_o's own D/N columns, no copy
+            w = w[:, self.own_cols[0]:self.own_cols[1]]
+        return comm.row_parallel_o_proj(x, w, self.o_bias, ctx.groups.tp, flashcomm1=fc1,
+                                        counter=ctx.counter)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP: gate/up column-parallel, down row-parallel (returns partial sums)."""
+
+    def __init__(self, args: ModelArgs, plan: TPPlan) -> None:
+        super().__init__()
+        ff = plan.ffn[1] - plan.ffn[0]
+        self.w1 = nn.Linear(args.dim, ff, bias=args.mlp_bias)  # gate_proj
+        self.w3 = nn.Linear(args.dim, ff, bias=args.mlp_bias)  # up_proj
+        self.w2 = nn.Linear(ff, args.dim, bias=False)  # down_proj; its bias is added once
+        self.w2_bias = nn.Parameter(torch.zeros(args.dim)) if args.mlp_bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [T, H] -> partial [T, H] (this rank's intermediate columns only)."""
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm decoder layer: attention then MLP, each with a residual."""
+
+    def __init__(self, args: ModelArgs, plan: TPPlan, layer_idx: int, sharded_o: bool) -> None:
+        super().__init__()
+        self.attention = Attention(args, plan, layer_idx, sharded_o)
+        self.feed_forward = FeedForward(args, plan)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, h: Tensor, step: Step, cache: KVCache, cos: Tensor, sin: Tensor,
+                ctx: TPContext) -> Tensor:
+        """h [T, H], or this rank's chunk [T_pad/N, H] with FlashComm1 -> same layout."""
+        t, group = step.num_tokens, ctx.tp_group
+        x = self.attention_norm(h)
+        if ctx.flashcomm1:
+            x = comm.all_gather_tokens(x, t, group, ctx.counter)  # [T, H]
+        h = h + self.attention(x, step, cos=cos, sin=sin, cache=cache, ctx=ctx)
+        x = self.ffn_norm(h)
+        if ctx.flashcomm1:
+            x = comm.all_gather_tokens(x, t, group, ctx.counter)
+        y = self.feed_forward(x)  # [T, H] partial sums
+        if ctx.flashcomm1:
+            y = comm.reduce_scatter_tokens(y, group, ctx.counter)  # [T_pad/N, H]
+        elif group is not None:
+            y = comm.all_reduce(y, group, ctx.counter)
+        if self.feed_forward.w2_bias is not None:
+            y = y + self.feed_forward.w2_bias
+        return h + y
+
+
+class Transformer(nn.Module):
+    """The decoder; embeddings, final norm and lm_head replicated on every TP rank."""
+
+    def __init__(self, args: ModelArgs, plan: TPPlan, ctx: TPContext) -> None:
+        super().__init__()
+        self.args, self.plan, self.ctx = args, plan, ctx
+        sharded_o = ctx.o_series is not None
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(
+            TransformerBlock(args, plan, i, sharded_o) for i in range(args.n_layers)
+        )
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = None if args.tie_word_embeddings else nn.Linear(
+            args.dim, args.vocab_size, bias=False)
+        self.inv_freq = rope_inv_freq(args)  # plain attribute: not a weight, never loaded
+
+    def forward(self, tokens: Tensor, step: Step, cache: KVCache) -> Tensor:
+        """tokens [T] -> float logits [R, V] of step.logit_rows (all T rows if None)."""
+        ctx = self.ctx
+        h = self.tok_embeddings(tokens)  # [T, H]
+        freqs = step.pos[:, None].float() * self.inv_freq.to(tokens.device)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)  # [T, hd]
+        if ctx.flashcomm1:
+            h = token_chunk(h, ctx.tp_group)  # [T_pad/N, H]
+        for layer in self.layers:
+            h = layer(h, step, cache, cos, sin, ctx)
+        if ctx.flashcomm1:
+            h = comm.all_gather_tokens(self.norm(h), step.num_tokens, ctx.tp_group, ctx.counter)
+        if step.logit_rows is not None:
+            h = h[step.logit_rows]
+        if not ctx.flashcomm1:
+            h = self.norm(h)
+        w = self.tok_embeddings.weight if self.output is None else self.output.weight
+        return F.linear(h, w).float()
+
+    def o_proj_bytes(self) -> int:
+        """Resident o_proj weight bytes on this rank (the series' ring included)."""
+        if self.ctx.o_series is not None:
+            return self.ctx.o_series.stats().resident_bytes
+        return sum(b.attention.wo.nbytes for b in self.layers)
+
+    def weight_bytes(self) -> int:
+        """Every resident weight byte on this rank (parameters plus the o_proj series)."""
+        params = sum(p.nbytes for p in self.parameters())
+        series = self.ctx.o_series.stats().resident_bytes if self.ctx.o_series else 0
+        return params + series

@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 
 from flashcomm.groups import ParallelGroups
-from flashcomm.layout import ParallelLayout
 from flashcomm.launch import run_local
+from flashcomm.layout import ParallelLayout
 
 
 def _sum_of_ranks(handle) -> int:

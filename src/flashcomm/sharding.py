@@ -1,0 +1,358 @@
+"""Layer-sharded weight series (O-Shard): each layer's copy of a replicated weight lives on one
+rank of its shard group and is fetched just in time into a ring of k+1 buffers.
+
+Schedule (DESIGN.md section 3), with positions p = i - start in 0..L-1 and k = prefetch step:
+- layer i is owned by group member `i mod G` (absolute index, so PP stages agree on ownership);
+- finalize() broadcasts every layer once from its owner, runs post_process on every rank, keeps
+  the owned layers and pre-fills ring slots 0..k-1 with layers start..start+k-1;
+- prefetch(i) broadcasts layer `start + ((p + k) mod L)` into the next ring slot (wrapping into
+  the next forward pass); wait(i) returns layer i from its slot, or the owner's own copy.
+
+The m-th prefetch writes slot (m + k) mod (k+1) and the m-th wait reads slot m mod (k+1), so the
+slot a prefetch overwrites is the one the previous layer read. Calls must alternate
+prefetch(i), wait(i), prefetch(i+1), ... cyclically; anything else raises before any collective.
+
+CUDA/NCCL: the ring buffers are allocated once and never freed, so nothing relies on
+`record_stream`. ProcessGroupNCCL makes its stream wait on the *current* stream when a collective
+is issued, so the next broadcast into a slot is ordered after every kernel already enqueued on the
+current stream, including the previous layer's o_proj that read that slot. `Work.wait()` makes
+the current stream wait on the broadcast without blocking the CPU. Compute that reads a slot on
+another stream must be joined to the current stream before the next prefetch. `sync=True` issues
+blocking collectives and keeps no handles across calls, for CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from flashcomm.groups import GroupHandle
+
+
+@dataclass(frozen=True)
+class SeriesStats:
+    """Memory and traffic counters of one series on this rank."""
+
+    resident_bytes: int
+    """Bytes held after finalize: (owned + slots) * layer_bytes, see ShardedSeries.stats."""
+    bytes_received: int
+    """Bytes this rank received into its ring slots (prefetches only)."""
+    bytes_sent: int
+    """Bytes this rank broadcast as the owner (prefetches only, counted once per broadcast)."""
+    fetches: int
+    """Ring broadcasts this rank took part in (as sender or receiver)."""
+    waits: int
+    """Calls to wait()."""
+    blocked_wait_s: float
+    """Host seconds spent inside wait() (CUDA: host time only, the GPU stall is not included)."""
+    layer_bytes: int
+    """|W|: bytes of one post-processed layer."""
+    owned_layers: int
+    """Layers stored on this rank (i mod G == group rank)."""
+    slots: int
+    """Ring buffers allocated on this rank (k+1, or 0 for a one-rank group)."""
+    finalize_peak_bytes: int
+    """Most bytes held by the series (registered, kept, ring and in-flight tensors) in finalize."""
+    finalize_bytes_received: int
+    """Bytes received during finalize's one-broadcast-per-layer pass."""
+
+    def to_dict(self) -> dict[str, float | int]:
+        """JSON-ready fields."""
+        return asdict(self)
+
+
+def prefetch_target(layer_idx: int, start: int, num_layers: int, k: int) -> int:
+    """Layer that prefetch(layer_idx) fetches: start + ((i - start + k) mod L)."""
+    return start + (layer_idx - start + k) % num_layers
+
+
+def _storage_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
+    """Bytes of the distinct real storages behind `tensors` (meta and None count zero)."""
+    seen: dict[tuple[str, int], int] = {}
+    for t in tensors:
+        if t is None or t.device.type == "meta":
+            continue
+        s = t.untyped_storage()
+        seen[(str(t.device), s.data_ptr())] = s.nbytes()
+    return sum(seen.values())
+
+
+class ShardedSeries:
+    """One weight name across the L consecutive layers of a stage, sharded over a shard group.
+
+    Resident bytes per rank after finalize are `(owned + k + 1) * |W|`, owned = #{i : i mod G ==
+    group rank}; a one-rank group keeps every layer and no ring: `L * |W|`. Owners keep their
+    idle ring slot rather than share it, so the figure does not depend on the schedule."""
+
+    def __init__(
+        self,
+        name: str,
+        group: GroupHandle,
+        prefetch_step: int,
+        *,
+        sync: bool = False,
+        layers: range | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """`layers`, if given, is the exact index range this stage must register (rejects
+        draft/MTP layers); `device` holds the ring (default: the device of owned weights)."""
+        if not isinstance(prefetch_step, int) or prefetch_step < 0:
+            raise ValueError(f"series {name!r}: prefetch_step={prefetch_step!r} must be an "
+                             f"int >= 0")
+        if layers is not None:
+            if layers.step != 1 or len(layers) == 0 or layers.start < 0:
+                raise ValueError(f"series {name!r}: layers={layers} must be a non-empty range "
+                                 f"of consecutive indices >= 0")
+            self._check_k(prefetch_step, len(layers), name)
+        self.name = name
+        self.group = group
+        self.k = prefetch_step
+        self.sync = sync
+        self._layers = layers
+        self._device = None if device is None else torch.device(device)
+        self._registered: dict[int, torch.Tensor] = {}  # owned: real tensor; else meta placeholder
+        self._finalized = False
+        self._start = 0
+        self._num_layers = 0
+        self._owned: dict[int, torch.Tensor] = {}
+        self._slots: list[torch.Tensor] = []
+        self._slot_layer: list[int | None] = []  # tag: which layer each slot holds (or will hold)
+        self._slot_work: list[dist.Work | None] = []  # in-flight broadcast into each slot
+        self._writes = 0  # prefetches issued (m): next write slot is (m + k) mod (k+1)
+        self._reads = 0  # waits done: next read slot is reads mod (k+1)
+        self._layer_bytes = 0
+        self._bytes_received = 0
+        self._bytes_sent = 0
+        self._fetches = 0
+        self._blocked_s = 0.0
+        self._peak = 0
+        self._finalize_received = 0
+
+    # ---- loading ---------------------------------------------------------------------------
+
+    @property
+    def start(self) -> int:
+        """First layer index of the series (valid after finalize)."""
+        self._need_finalized("start")
+        return self._start
+
+    @property
+    def num_layers(self) -> int:
+        """L, the number of layers in the series (valid after finalize)."""
+        self._need_finalized("num_layers")
+        return self._num_layers
+
+    def owner(self, layer_idx: int) -> int:
+        """Group rank that stores layer `layer_idx`."""
+        return layer_idx % self.group.size
+
+    def owns(self, layer_idx: int) -> bool:
+        """Whether this rank stores layer `layer_idx` (the loader reads it only then)."""
+        return self.owner(layer_idx) == self.group.rank
+
+    def register(self, layer_idx: int, weight: torch.Tensor) -> None:
+        """Owners pass the real tensor, others a placeholder of the right shape/dtype (meta)."""
+        where = f"series {self.name!r}: register(layer {layer_idx})"
+        if self._finalized:
+            raise RuntimeError(f"{where} after finalize()")
+        if not isinstance(layer_idx, int) or layer_idx < 0:
+            raise ValueError(f"{where}: layer index must be an int >= 0")
+        if self._layers is not None and layer_idx not in self._layers:
+            raise ValueError(f"{where}: outside this stage's layers {self._layers.start}.."
+                             f"{self._layers.stop - 1} (draft/MTP layers do not belong here)")
+        if layer_idx in self._registered:
+            raise ValueError(f"{where}: layer {layer_idx} is already registered")
+        if self.owns(layer_idx):
+            if weight.device.type == "meta":
+                raise ValueError(f"{where}: this rank owns the layer (i mod G = "
+                                 f"{self.owner(layer_idx)}) and must pass the real tensor")
+            self._registered[layer_idx] = weight.detach()
+        else:  # keep only shape/dtype: non-owners never hold a copy outside the ring
+            self._registered[layer_idx] = torch.empty_like(weight, device="meta")
+
+    def finalize(self, post_process: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Collective over the group: broadcast each layer from its owner, post-process it on
+        every rank, keep owned layers and pre-fill ring slots 0..k-1."""
+        if self._finalized:
+            raise RuntimeError(f"series {self.name!r}: finalize() called twice")
+        idx = sorted(self._registered)
+        if not idx:
+            raise ValueError(f"series {self.name!r}: finalize() with no registered layers")
+        start, L, k = idx[0], len(idx), self.k
+        if idx[-1] - start + 1 != L:
+            missing = sorted(set(range(start, idx[-1] + 1)) - set(idx))
+            raise ValueError(f"series {self.name!r}: layer indices must be consecutive; "
+                             f"registered {start}..{idx[-1]} misses {missing}")
+        if self._layers is not None and (start, L) != (self._layers.start, len(self._layers)):
+            raise ValueError(f"series {self.name!r}: registered {start}..{idx[-1]} but the stage "
+                             f"has layers {self._layers.start}..{self._layers.stop - 1}")
+        self._check_k(k, L, self.name)
+        shapes = {(tuple(w.shape), w.dtype) for w in self._registered.values()}
+        if len(shapes) != 1:
+            raise ValueError(f"series {self.name!r}: layers differ in shape/dtype: {shapes}")
+        self._start, self._num_layers = start, L
+        self._device = self._device or self._default_device()
+        self._check_same_plan()
+
+        G, pg = self.group.size, self.group.group
+        self._slots = [None] * k  # type: ignore[list-item]  # windows 0..k-1, None if owned
+        like: torch.Tensor | None = None
+        for i in idx:  # one broadcast per layer, so post_process sees the real data everywhere
+            raw = self._registered[i]
+            if raw.device.type == "meta":
+                raw = torch.empty_like(raw, device=self._device)
+                self._finalize_received += raw.numel() * raw.element_size()
+            if pg is not None:
+                dist.broadcast(raw, src=self.group.global_rank(self.owner(i)), group=pg)
+            out = raw if post_process is None else post_process(raw)
+            out = out.contiguous()  # broadcasts need dense buffers, so every copy is contiguous
+            like = self._check_processed(i, out, like)
+            self._note_peak(raw, out)
+            if self.owns(i):
+                self._owned[i] = out
+                self._registered[i] = out  # drop the raw copy now, not at the end
+            elif i - start < k:
+                self._slots[i - start] = out
+            del raw, out
+        self._registered = {}
+
+        if G > 1:  # the ring: k+1 real buffers, also where an owner reads its own copy
+            self._slots.append(None)  # type: ignore[arg-type]
+            self._slots = [torch.empty_like(like, device=self._device) if s is None else s
+                           for s in self._slots]
+            self._note_peak()
+        else:
+            self._slots = []
+        self._slot_layer = [start + p if p < k else None for p in range(k + 1)]
+        self._slot_work = [None] * (k + 1)
+        self._finalized = True
+
+    # ---- forward ---------------------------------------------------------------------------
+
+    def prefetch(self, layer_idx: int) -> None:
+        """Layer i begins (its QKV): start broadcasting layer start + ((i - start + k) mod L)."""
+        self._need_finalized("prefetch")
+        expected = self._start + self._writes % self._num_layers
+        if layer_idx != expected or self._writes != self._reads:
+            raise RuntimeError(
+                f"series {self.name!r}: prefetch(layer {layer_idx}) but the schedule expects "
+                + (f"wait(layer {self._start + self._reads % self._num_layers}) first"
+                   if self._writes != self._reads else f"prefetch(layer {expected})")
+                + "; every rank must call prefetch(i), wait(i) for i = start..start+L-1 in order")
+        target = prefetch_target(layer_idx, self._start, self._num_layers, self.k)
+        slot = (self._writes + self.k) % (self.k + 1)
+        self._writes += 1
+        self._slot_layer[slot] = target
+        if self.group.group is None:
+            return
+        # NCCL orders this after the o_proj that last read `slot` (enqueued on the current stream)
+        buf = self._owned[target] if self.owns(target) else self._slots[slot]
+        work = dist.broadcast(buf, src=self.group.global_rank(self.owner(target)),
+                              group=self.group.group, async_op=not self.sync)
+        self._slot_work[slot] = None if self.sync else work
+        self._fetches += 1
+        nbytes = buf.numel() * buf.element_size()
+        if self.owns(target):
+            self._bytes_sent += nbytes
+        else:
+            self._bytes_received += nbytes
+
+    def wait(self, layer_idx: int) -> torch.Tensor:
+        """The post-processed weight of layer i; waits only for that layer's broadcast."""
+        self._need_finalized("wait")
+        t0 = time.perf_counter()
+        slot = self._reads % (self.k + 1)
+        held = self._slot_layer[slot]
+        if self._reads >= self._writes:
+            raise RuntimeError(
+                f"series {self.name!r}: wait(layer {layer_idx}) before prefetch(layer "
+                f"{self._start + self._writes % self._num_layers}); call prefetch(i) when layer "
+                f"i starts, on every rank")
+        if held != layer_idx:
+            raise RuntimeError(
+                f"series {self.name!r}: wait(layer {layer_idx}) but ring slot {slot} holds layer "
+                f"{held}; layers must be waited in order start..start+L-1, each after its "
+                f"prefetch (a skipped or extra prefetch on this rank also shows up here)")
+        self._reads += 1
+        work, self._slot_work[slot] = self._slot_work[slot], None
+        if work is not None:
+            work.wait()  # NCCL: the current stream waits, the CPU does not
+        self._blocked_s += time.perf_counter() - t0
+        if layer_idx in self._owned:
+            return self._owned[layer_idx]
+        return self._slots[slot]
+
+    def stats(self) -> SeriesStats:
+        """Counters of this rank; resident_bytes = (owned + k + 1) * |W| (L * |W| if G == 1)."""
+        self._need_finalized("stats")
+        return SeriesStats(
+            resident_bytes=_storage_bytes([*self._owned.values(), *self._slots]),
+            bytes_received=self._bytes_received,
+            bytes_sent=self._bytes_sent,
+            fetches=self._fetches,
+            waits=self._reads,
+            blocked_wait_s=self._blocked_s,
+            layer_bytes=self._layer_bytes,
+            owned_layers=len(self._owned),
+            slots=len(self._slots),
+            finalize_peak_bytes=self._peak,
+            finalize_bytes_received=self._finalize_received,
+        )
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_k(k: int, num_layers: int, name: str) -> None:
+        if not 0 <= k <= num_layers - 2:
+            raise ValueError(f"series {name!r}: prefetch_step k={k} must satisfy 0 <= k <= L-2 = "
+                             f"{num_layers - 2} for L={num_layers} layers"
+                             + (" (a series needs L >= 2)" if num_layers < 2 else ""))
+
+    def _need_finalized(self, what: str) -> None:
+        if not self._finalized:
+            raise RuntimeError(f"series {self.name!r}: {what} before finalize()")
+
+    def _default_device(self) -> torch.device:
+        real = [w for w in self._registered.values() if w.device.type != "meta"]
+        if real:
+            return real[0].device
+        if self.group.group is not None and dist.get_backend(self.group.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())  # CUDA-only
+        return torch.device("cpu")
+
+    def _check_same_plan(self) -> None:
+        """All-gather (name, start, L, k, shape) so diverging ranks fail here, not in a hang."""
+        if self.group.group is None:
+            return
+        w = next(iter(self._registered.values()))
+        key = f"{self.name}|{tuple(w.shape)}|{w.dtype}"
+        mine = torch.tensor([self._start, self._num_layers, self.k, zlib.crc32(key.encode())],
+                            dtype=torch.int64, device=self._device)
+        every = [torch.empty_like(mine) for _ in range(self.group.size)]
+        dist.all_gather(every, mine, group=self.group.group)
+        plans = [tuple(t.tolist()) for t in every]
+        if len(set(plans)) != 1:
+            rows = ", ".join(f"rank {r}: start={p[0]} L={p[1]} k={p[2]}"
+                             for r, p in zip(self.group.ranks, plans, strict=True))
+            raise RuntimeError(f"series {self.name!r}: ranks of the shard group disagree on the "
+                               f"series (name/shape/dtype/start/L/k): {rows}")
+
+    def _check_processed(
+        self, layer_idx: int, out: torch.Tensor, like: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Every post-processed layer must match the first in shape and dtype (ring buffers)."""
+        if like is not None and (out.shape, out.dtype) != (like.shape, like.dtype):
+            raise ValueError(f"series {self.name!r}: post_process gave layer {layer_idx} "
+                             f"{tuple(out.shape)} {out.dtype}, the first layer "
+                             f"{tuple(like.shape)} {like.dtype}")
+        self._layer_bytes = out.numel() * out.element_size()
+        return like if like is not None else torch.empty_like(out, device="meta")
+
+    def _note_peak(self, *transient: torch.Tensor) -> None:
+        held = [*self._registered.values(), *self._owned.values(), *self._slots, *transient]
+        self._peak = max(self._peak, _storage_bytes(held))

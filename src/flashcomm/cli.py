@@ -14,16 +14,16 @@ import sys
 from flashcomm.config import ConfigError, FlashCommConfig, parse_int
 from flashcomm.layout import ParallelLayout
 
-# subcommand -> module implementing add_arguments(parser) and main(args) -> int
+# subcommand -> (module implementing add_arguments(parser) and main(args) -> int, help)
 COMMANDS = {
-    "run": "flashcomm.engine_cli",
-    "demo": "flashcomm.demo",
-    "plan": "flashcomm.plan",
+    "run": ("flashcomm.engine_cli", "generate with a tensor-parallel model on N local ranks"),
+    "demo": ("flashcomm.demo", "every strategy at TP=4 on a cached random checkpoint"),
+    "plan": ("flashcomm.plan", "predict memory and communication per strategy; recommend one"),
 }
 BENCHES = {
-    "series": "flashcomm.bench.series",
-    "comm": "flashcomm.bench.comm",
-    "e2e": "flashcomm.bench.e2e",
+    "series": ("flashcomm.bench.series", "layer-sharding ring: blocked wait vs compute window"),
+    "comm": ("flashcomm.bench.comm", "per-layer communication time of every strategy"),
+    "e2e": ("flashcomm.bench.e2e", "end-to-end latency, bytes and memory of every strategy"),
 }
 
 
@@ -63,37 +63,38 @@ def format_layout(layout: ParallelLayout) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse tree of every subcommand."""
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The argparse tree; only the module of the chosen subcommand is imported."""
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="flashcomm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     lay = sub.add_parser("layout", help="print the process groups of a deployment")
     _layout_arguments(lay)
     lay.set_defaults(handler=_layout_main)
-    for name, module in COMMANDS.items():
-        _lazy(sub, name, module)
+    chosen = argv[0] if argv else None
+    for name, (module, help_text) in COMMANDS.items():
+        _add(sub, name, module, help_text, load=name == chosen)
     bench = sub.add_parser("bench", help="benchmarks that write JSON (and plots)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    for name, module in BENCHES.items():
-        _lazy(bench_sub, name, module)
+    chosen_bench = argv[1] if chosen == "bench" and len(argv) > 1 else None
+    for name, (module, help_text) in BENCHES.items():
+        _add(bench_sub, name, module, help_text, load=name == chosen_bench)
     return parser
 
 
-def _lazy(sub: argparse._SubParsersAction, name: str, module: str) -> None:
-    try:
+def _add(sub: argparse._SubParsersAction, name: str, module: str, help_text: str,
+         load: bool) -> None:
+    p = sub.add_parser(name, help=help_text)
+    if load:
         mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name != module:
-            raise
-        return  # not built yet
-    p = sub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0])
-    mod.add_arguments(p)
-    p.set_defaults(handler=mod.main)
+        mod.add_arguments(p)
+        p.set_defaults(handler=mod.main)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `flashcomm` console script."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         return int(args.handler(args) or 0)
     except ConfigError as e:

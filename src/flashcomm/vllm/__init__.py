@@ -1,0 +1,57 @@
+"""flashcomm's vLLM general plugin: FlashComm2 and O-Shard for vLLM's own Llama-family models.
+
+Registered as the entry point `vllm.general_plugins: flashcomm = flashcomm.vllm:register`, so
+vLLM calls `register()` in every process, workers included, before building the model.
+
+Enable it with the engine's environment variables (validated with the same messages):
+    FLASHCOMM2_PARALLEL_SIZE=1          FlashComm2, full o_proj per rank (otp; must divide TP)
+    FLASHCOMM_LAYER_SHARDING=o_proj     O-Shard the replicated o_proj over its shard group
+    FLASHCOMM_PREFETCH_STEP=k           prefetch distance, 0 <= k <= L-2
+    FLASHCOMM_REPORT_DIR=dir            write rank<r>.json (resident o_proj bytes) after loading
+With none of the FLASHCOMM* variables set, `register()` does nothing and vLLM runs stock.
+vLLM must run eagerly (enforce_eager=True). `worker_report` reads the facts back through
+`LLM.collective_rpc(worker_report)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flashcomm.vllm.context import env_requests_flashcomm
+
+
+def register() -> None:
+    """vLLM plugin entry point; idempotent, hooks in only when a FLASHCOMM* variable is set."""
+    if not env_requests_flashcomm():
+        return
+    from vllm.model_executor.custom_op import op_registry_oot
+    from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
+
+    from flashcomm.vllm.layers import FlashCommQKVParallelLinear, FlashCommRowParallelLinear
+
+    for base, ours in ((RowParallelLinear, FlashCommRowParallelLinear),
+                       (QKVParallelLinear, FlashCommQKVParallelLinear)):
+        current = op_registry_oot.get(base.__name__)
+        if current is ours:
+            continue  # loaded before in this process
+        if current is not None:
+            raise RuntimeError(f"flashcomm: {base.__name__} is already replaced out of tree by "
+                               f"{current.__module__}.{current.__qualname__}; cannot hook in")
+        base.register_oot(ours)
+
+
+def worker_report(worker: Any) -> dict[str, Any]:
+    """Inside a vLLM worker (collective_rpc): layer classes and FlashComm's resident bytes."""
+    from flashcomm.vllm.context import O_PROJ_PATTERN, QKV_PATTERN, VllmFlashComm
+
+    model = worker.model_runner.model
+    classes = {}
+    ctx = None
+    for name, module in model.named_modules():
+        if O_PROJ_PATTERN.match(name) or QKV_PATTERN.match(name):
+            classes[name] = type(module).__name__
+            ctx = ctx or getattr(module, "ctx", None)
+    report: dict[str, Any] = {"classes": classes}
+    if isinstance(ctx, VllmFlashComm):
+        report.update(ctx.report())
+    return report

@@ -1,0 +1,140 @@
+"""vLLM layer classes registered out of tree: o_proj takes the FlashComm2 path, QKV prefetches.
+
+vLLM instantiates these in place of every RowParallelLinear / QKVParallelLinear. Only the
+attention o_proj and qkv_proj of the main model's layers (see VllmFlashComm) change; every other
+instance runs vLLM's own constructor and forward untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import Parameter
+from vllm.config import get_current_vllm_config
+from vllm.model_executor.layers.linear import (
+    LinearBase,
+    QKVParallelLinear,
+    RowParallelLinear,
+    UnquantizedLinearMethod,
+)
+
+from flashcomm.comm import flashcomm2_o_proj
+from flashcomm.vllm.context import VllmFlashComm
+
+
+class KeepWeightMethod(UnquantizedLinearMethod):
+    """Leaves the weight a plain tensor after loading (vLLM's CPU method would move it into a
+    oneDNN handle and empty `layer.weight`) and hands the layer to the FlashComm post-load hook."""
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        """Run the FlashComm post-load step of this o_proj (the last one distributes)."""
+        layer.flashcomm_after_loading()
+
+
+class FlashCommRowParallelLinear(RowParallelLinear):
+    """RowParallelLinear; as a main-model attention o_proj: all-to-all, then full/otp matmul."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = True,
+        input_is_parallel: bool = True,
+        skip_bias_add: bool = False,
+        params_dtype: torch.dtype | None = None,
+        reduce_results: bool = True,
+        quant_config=None,
+        prefix: str = "",
+        *,
+        return_bias: bool = True,
+        disable_tp: bool = False,
+    ):
+        ctx = VllmFlashComm.of(get_current_vllm_config())
+        idx = ctx.o_proj_index(prefix)
+        # Only the shape vLLM's Llama family uses: parallel input, reduced output, real TP.
+        if idx is None or not input_is_parallel or not reduce_results or disable_tp:
+            self.flashcomm_layer = None
+            super().__init__(input_size, output_size, bias, input_is_parallel, skip_bias_add,
+                             params_dtype, reduce_results, quant_config, prefix,
+                             return_bias=return_bias, disable_tp=disable_tp)
+            return
+        # Skip RowParallelLinear.__init__: it would allocate the TP slice we do not want.
+        LinearBase.__init__(self, input_size, output_size, bias, skip_bias_add, params_dtype,
+                            quant_config, prefix, return_bias=return_bias, disable_tp=disable_tp)
+        self.ctx, self.flashcomm_layer = ctx, idx
+        self.input_is_parallel, self.reduce_results = input_is_parallel, reduce_results
+        groups = ctx.groups
+        otp, odp = ctx.cfg.flashcomm2_otp, ctx.cfg.odp
+        self.input_size_per_partition = input_size // otp
+        self.output_size_per_partition = output_size
+        self.output_partition_sizes = [output_size]
+        self.otp_index = groups.tp.rank // odp  # odp block j holds input rows j*D/otp..
+        self.quant_method = KeepWeightMethod()
+        shape = (output_size, self.input_size_per_partition)  # [H, D/otp]
+        series = ctx.series
+        # Non-owners of a sharded layer never allocate it: the loader skips a meta weight.
+        device = "meta" if series is not None and not series.owns(idx) else None
+        self.weight = Parameter(torch.empty(shape, dtype=self.params_dtype, device=device),
+                                requires_grad=False)
+        self.weight.weight_loader = self._load_weight
+        if bias:
+            self.bias = Parameter(torch.empty(output_size, dtype=self.params_dtype),
+                                  requires_grad=False)
+            self.bias.weight_loader = self._load_bias
+        else:
+            self.register_parameter("bias", None)
+        if series is not None:
+            series.register(idx, self.weight.data)
+        ctx.register(idx, self.weight.numel() * self.weight.element_size())
+
+    def _load_weight(self, param: Parameter, loaded: torch.Tensor) -> None:
+        """Copy this rank's otp slice of the checkpoint's full [H, D] weight (skip if meta)."""
+        if param.device.type == "meta":
+            return
+        cols = self.input_size_per_partition
+        param.data.copy_(loaded.narrow(1, self.otp_index * cols, cols))
+
+    def _load_bias(self, param: Parameter, loaded: torch.Tensor) -> None:
+        """The bias [H] is not split."""
+        param.data.copy_(loaded)
+
+    def flashcomm_after_loading(self) -> None:
+        """Called by KeepWeightMethod once this layer's weight is loaded."""
+        self.ctx.after_loading(self.flashcomm_layer)
+
+    def forward(self, input_):
+        """Same return value as RowParallelLinear.forward with reduce_results=True."""
+        if self.flashcomm_layer is None:
+            return super().forward(input_)
+        idx = self.flashcomm_layer
+        weight = self.ctx.series.wait(idx) if self.ctx.series is not None else self.weight
+        x = input_.reshape(-1, input_.shape[-1])  # [T, D/N]
+        bias = None if self.skip_bias_add else self.bias
+        out = flashcomm2_o_proj(x, weight, bias, self.ctx.groups, flashcomm1=False,
+                                comm_dtype=self.ctx.cfg.comm_dtype)  # [T, H]
+        out = out.reshape(*input_.shape[:-1], self.output_size)
+        if not self.return_bias:
+            return out
+        return out, (self.bias if self.skip_bias_add else None)
+
+    def extra_repr(self) -> str:
+        """vLLM's repr plus the FlashComm facts."""
+        s = super().extra_repr()
+        if self.flashcomm_layer is not None:
+            s += f", flashcomm2_otp={self.ctx.cfg.flashcomm2_otp}"
+            s += f", sharded={self.ctx.series is not None}"
+        return s
+
+
+class FlashCommQKVParallelLinear(QKVParallelLinear):
+    """QKVParallelLinear that starts the o_proj prefetch of its layer before projecting."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ctx = VllmFlashComm.of(get_current_vllm_config())
+        self.flashcomm_layer = self.ctx.qkv_index(self.prefix)
+
+    def forward(self, input_):
+        """Prefetch the o_proj of this layer (async broadcast), then vLLM's own forward."""
+        if self.flashcomm_layer is not None:
+            self.ctx.series.prefetch(self.flashcomm_layer)
+        return super().forward(input_)

@@ -150,6 +150,18 @@ def validate_checkpoint(index: dict[str, tuple[Path, tuple[int, ...], str]],
             )
 
 
+def check_strategy(args: ModelArgs, cfg: FlashCommConfig) -> None:
+    """ConfigError for layer-sharding knobs this model cannot use (pure, no groups needed)."""
+    other = [w for w in cfg.layer_sharding if w != "o_proj"]
+    if other:
+        raise ConfigError(f"layer_sharding={other}: Llama-family models only shard 'o_proj'")
+    if "o_proj" in cfg.layer_sharding and not 0 <= cfg.prefetch_step <= args.n_layers - 2:
+        raise ConfigError(
+            f"prefetch_step={cfg.prefetch_step}: must be in [0, L-2] = [0, {args.n_layers - 2}] "
+            f"for L={args.n_layers} layers"
+        )
+
+
 def _read(handle, spec: TensorSpec) -> Tensor:
     s = handle.get_slice(spec.name)
     if spec.part is None:
@@ -179,14 +191,8 @@ def load_model(
     otp = cfg.flashcomm2_otp if groups is not None else 0
     plan = TPPlan.build(args, tp, tp_rank, otp)
     sharded = groups is not None and "o_proj" in cfg.layer_sharding
-    other = [w for w in cfg.layer_sharding if w != "o_proj"]
-    if other:
-        raise ConfigError(f"layer_sharding={other}: Llama-family models only shard 'o_proj'")
-    if sharded and not 0 <= cfg.prefetch_step <= args.n_layers - 2:
-        raise ConfigError(
-            f"prefetch_step={cfg.prefetch_step}: must be in [0, L-2] = [0, {args.n_layers - 2}] "
-            f"for L={args.n_layers} layers"
-        )
+    if groups is not None:
+        check_strategy(args, cfg)
     index = checkpoint_index(path)
     specs = tensor_specs(args, plan)
     validate_checkpoint(index, specs)

@@ -99,7 +99,7 @@ class ModelArgs:
 
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
-            raise CheckpointError(f"config.json: hidden_act={act!r} is not supported; allowed: silu")
+            raise CheckpointError(f"config.json: hidden_act={act!r} not supported; allowed: silu")
         n_heads = int(need("num_attention_heads"))
         dim = int(need("hidden_size"))
         n_kv = int(cfg.get("num_key_value_heads") or n_heads)

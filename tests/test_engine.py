@@ -39,6 +39,7 @@ def strategies(n: int) -> dict[str, tuple[FlashCommConfig, int]]:
         "fc2+oshard k0": (replace(fc2, layer_sharding=shard, prefetch_step=0), 0),
         "fc2+fc1+oshard k1": (replace(fc2, flashcomm1=True, layer_sharding=shard), 0),
         "fc2 prefill-only": (fc2, 4),  # decode steps (T = 3) fall back to row-parallel
+        "fc2 int8": (replace(fc2, comm_dtype="int8"), 0),  # lossy: logits close, not exact
     }
     if n == 4:
         otp2 = replace(base, flashcomm2_otp=2)
@@ -114,6 +115,10 @@ def test_every_strategy_matches_the_single_process_model(hf_checkpoints, referen
             for rank, out in enumerate(per_rank):
                 got = out[name, ck]
                 where = f"{name} {ck} rank {rank}"
+                if cfg.comm_dtype == "int8":  # per-row int8 payload: about 1% error
+                    err = (got["logits"] - ref_logits).abs().max() / ref_logits.abs().max()
+                    assert 0 < err < 0.05, (where, err)
+                    continue
                 torch.testing.assert_close(got["logits"], ref_logits, rtol=1e-4, atol=1e-4,
                                            msg=lambda m, w=where: f"{w}: {m}")
                 assert got["tokens"] == ref_tokens, where
@@ -165,3 +170,36 @@ def test_demo_prints_identical_rows(tmp_path) -> None:
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith(("allreduce", "flash"))]
     assert len(rows) == 5 and all("identical" in r for r in rows), out.stdout
+
+
+def test_sampling_is_seeded_and_eos_stops(hf_checkpoints, references) -> None:
+    engine = Engine.from_checkpoint(hf_checkpoints["qwen3"], FlashCommConfig(), progress=False)
+    a = engine.generate(PROMPTS, 8, temperature=1.0, seed=1).tokens
+    assert a == engine.generate(PROMPTS, 8, temperature=1.0, seed=1).tokens
+    assert a != engine.generate(PROMPTS, 8, temperature=1.0, seed=2).tokens
+    greedy = references["qwen3"][1]
+    engine.eos_token_ids = (greedy[0][2],)  # pretend the third token of prompt 0 is EOS
+    cut = engine.generate(PROMPTS, NEW_TOKENS, stop_at_eos=True).tokens
+    assert cut[0] == greedy[0][:3]
+    for got, full in zip(cut, greedy, strict=True):
+        assert got == full[:len(got)] and (len(got) == NEW_TOKENS or got[-1] in full)
+
+
+def test_run_cli_text_prompts_single_process(tmp_path) -> None:
+    from flashcomm.checkpoint import small_llama_config, write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "ck", small_llama_config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        head_dim=16))
+    out = subprocess.run(
+        [sys.executable, "-m", "flashcomm.cli", "run", "--model", str(ckpt), "--prompt",
+         "Hello", "naïve café", "--max-new-tokens", "5", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    engine = Engine.from_checkpoint(ckpt, FlashCommConfig(), progress=False)
+    ids = engine.encode(["Hello", "naïve café"])
+    assert ids[0] == list(b"Hello") and ids[1] == list("naïve café".encode())
+    ref = engine.generate(ids, 5)
+    assert d["tokens"] == ref.tokens and d["text"] == ref.text and len(d["ranks"]) == 1

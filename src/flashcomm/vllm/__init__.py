@@ -45,13 +45,15 @@ def worker_report(worker: Any) -> dict[str, Any]:
     from flashcomm.vllm.context import O_PROJ_PATTERN, QKV_PATTERN, VllmFlashComm
 
     model = worker.model_runner.model
-    classes = {}
+    classes, rerouted = {}, []
     ctx = None
     for name, module in model.named_modules():
         if O_PROJ_PATTERN.match(name) or QKV_PATTERN.match(name):
             classes[name] = type(module).__name__
             ctx = ctx or getattr(module, "ctx", None)
-    report: dict[str, Any] = {"classes": classes}
+        if getattr(module, "flashcomm_layer", None) is not None:
+            rerouted.append(name)  # layers whose forward differs from vLLM's
+    report: dict[str, Any] = {"classes": classes, "flashcomm_layers": rerouted}
     if isinstance(ctx, VllmFlashComm):
         report.update(ctx.report())
     return report

@@ -125,10 +125,16 @@ def _strategy_worker(rank: int, world: int, tokens: list[int], h: int, dims: lis
                 _path(groups[otp], otp, fc1, dtype, x, w, b, counter)
                 times = _timed(lambda g=groups[otp], o=otp, f=fc1, dt=dtype, x=x, w=w, b=b:
                                _path(g, o, f, dt, x, w, b, None), rounds)
+                # the same o_proj matmul alone: path minus it is the communication time
+                rows = t if otp == 0 else otp * -(-t // world)
+                m = x if otp == 0 else torch.randn(rows, cols)
+                mm = statistics.median(_timed(lambda m=m, w=w: m @ w.t(), rounds))
+                st = _stats(times)
                 records.append({"strategy": name, "N": world, "T": t, "H": h, "D": d,
                                 "otp": otp, "flashcomm1": fc1, "comm_dtype": dtype,
                                 "bytes_sent": dict(counter.bytes_sent),
-                                "bytes_total": counter.total(), **_stats(times)})
+                                "bytes_total": counter.total(), **st, "matmul_median_s": mm,
+                                "comm_median_s": max(st["median_s"] - mm, 0.0)})
     for t in tokens:  # the chosen primitives alone, for a later alpha-beta fit
         y = torch.randn(t, h, generator=gen)  # [T, H]
         c = CommCounter()
@@ -221,6 +227,8 @@ def summarize(records: list[dict]) -> None:
         r["formula_bytes"] = formula_bytes(n, r["otp"], r["flashcomm1"], r["comm_dtype"], t, h, d)
         r["bytes_match_formula"] = r["bytes_sent"] == r["formula_bytes"]
         r["time_ratio_to_all_reduce"] = r["median_s"] / base[(n, t, d)]["median_s"]
+        r["comm_ratio_to_all_reduce"] = r["comm_median_s"] / max(
+            base[(n, t, d)]["comm_median_s"], 1e-9)
         if r["otp"]:
             rs = (n - 1) * (-(-t // n)) * h * 4  # the FlashComm1 reduce-scatter it replaces
             sent = r["bytes_sent"]
@@ -276,11 +284,12 @@ def main(args: argparse.Namespace) -> int:
     summarize(result["strategies"])
     (out / "comm.json").write_text(json.dumps(result, indent=1))
     plot(result["strategies"], out)
-    print(f"{'N':>2} {'D':>5} {'T':>5} {'strategy':<22} {'ms':>8} {'x all-red':>9} "
+    print(f"{'N':>2} {'D':>5} {'T':>5} {'strategy':<22} {'ms':>8} {'x all-red':>9} {'comm x':>6} "
           f"{'MiB':>8} {'a2a/rs':>7} formula")
     for r in result["strategies"]:
         print(f"{r['N']:>2} {r['D']:>5} {r['T']:>5} {r['strategy']:<22} {r['median_s'] * 1e3:8.2f} "
-              f"{r['time_ratio_to_all_reduce']:9.2f} {r['bytes_total'] / 2**20:8.2f} "
+              f"{r['time_ratio_to_all_reduce']:9.2f} {r['comm_ratio_to_all_reduce']:6.2f} "
+              f"{r['bytes_total'] / 2**20:8.2f} "
               f"{r.get('all_to_all_over_reduce_scatter', float('nan')):7.3f} "
               f"{'ok' if r['bytes_match_formula'] else 'MISMATCH'}")
     for c in result["candidates"]:

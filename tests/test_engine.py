@@ -45,6 +45,10 @@ def strategies(n: int) -> dict[str, tuple[FlashCommConfig, int]]:
         otp2 = replace(base, flashcomm2_otp=2)
         rows["otp2"] = (otp2, 0)
         rows["otp2+fc1+oshard k1"] = (replace(otp2, flashcomm1=True, layer_sharding=shard), 0)
+        # two TP=2 replicas: the shard group spans the replicas (plain TP needs dp > 1)
+        dp2 = FlashCommConfig(tp=2, dp=2, layer_sharding=shard)
+        rows["dp2 allreduce+oshard"] = (dp2, 0)
+        rows["dp2 fc2+oshard k0"] = (replace(dp2, flashcomm2_otp=1, prefetch_step=0), 0)
     return rows
 
 
@@ -89,9 +93,7 @@ def expected_o_proj_bytes(cfg: FlashCommConfig, args: ModelArgs, rank: int) -> i
     """DESIGN.md: row-parallel L*|W|/N, replicated L*|W|/otp, O-Shard (owned + k + 1)*|W_slice|."""
     w_full = args.dim * args.q_dim * 4  # fp32
     n_layers = args.n_layers
-    if not cfg.flashcomm2:
-        return n_layers * w_full // cfg.tp
-    w = w_full // cfg.flashcomm2_otp
+    w = w_full // cfg.flashcomm2_otp if cfg.flashcomm2 else w_full // cfg.tp
     if "o_proj" not in cfg.layer_sharding:
         return n_layers * w
     group = ParallelLayout.from_config(cfg).group_of(

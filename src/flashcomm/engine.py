@@ -135,7 +135,7 @@ class Engine:
         prefill_ms = (time.perf_counter() - t0) * 1e3
         prefill_comm = counter.total() if counter is not None else 0
 
-        out = [nxt.tolist()]
+        out = [nxt]  # kept on device: no host sync per step unless stopping at EOS
         done = torch.zeros(len(prompts), dtype=torch.bool)
         t1, steps = time.perf_counter(), 0
         for _ in range(max_new_tokens - 1):
@@ -145,12 +145,12 @@ class Engine:
                     break
             step = Step.build([n + steps for n in lens], [1] * len(lens), device)
             nxt = self._next_tokens(model(nxt, step, cache), temperature, gen)
-            out.append(nxt.tolist())
+            out.append(nxt)
             steps += 1
         self._sync()
         decode_ms = (time.perf_counter() - t1) * 1e3 / max(steps, 1)
 
-        per_seq = [list(col) for col in zip(*out, strict=True)]
+        per_seq = torch.stack(out, dim=1).tolist()  # [B, new tokens]
         if stop_at_eos:
             per_seq = [_cut_after(s, self.eos_token_ids) for s in per_seq]
         total = counter.total() if counter is not None else 0

@@ -193,6 +193,8 @@ def load_model(
     sharded = groups is not None and "o_proj" in cfg.layer_sharding
     if groups is not None:
         check_strategy(args, cfg)
+        if cfg.pp != 1:
+            raise ConfigError(f"pp={cfg.pp}: the engine runs a single pipeline stage (pp=1)")
     index = checkpoint_index(path)
     specs = tensor_specs(args, plan)
     validate_checkpoint(index, specs)
@@ -232,6 +234,7 @@ def load_model(
                     state[spec.target] = t
     bar.close()
     model.load_state_dict(state, strict=True, assign=True)
+    model.init_buffers(device)
     if series is not None:
         for layer in sorted(o_weights):
             series.register(layer, o_weights[layer])

@@ -253,7 +253,8 @@ class Attention(nn.Module):
         # this rank's own D/N columns inside the held W_o columns (row-parallel fallback)
         own = plan.q_heads[0] * args.head_dim - plan.o_cols[0]
         self.own_cols = (own, own + plan.n_q * args.head_dim)
-        self.kv_index = list(plan.kv_index)
+        # local kv head of each local q head; a plain tensor (not loaded), see init_buffers
+        self.kv_index = torch.tensor(plan.kv_index, device="cpu")
 
     def forward(self, x: Tensor, step: Step, cache: KVCache, cos: Tensor, sin: Tensor,
                 ctx: TPContext) -> Tensor:
@@ -270,7 +271,7 @@ class Attention(nn.Module):
         k_cache, v_cache = cache.k[self.layer_idx], cache.v[self.layer_idx]
         k_cache[step.seq, step.pos] = k
         v_cache[step.seq, step.pos] = v
-        kv_index = torch.tensor(self.kv_index, device=x.device)
+        kv_index = self.kv_index
         qp = q[step.gather].transpose(1, 2)  # [B, hq, n_max, hd]
         kp = k_cache[:, :step.kv_len].index_select(2, kv_index).transpose(1, 2)  # [B, hq, S, hd]
         vp = v_cache[:, :step.kv_len].index_select(2, kv_index).transpose(1, 2)
@@ -360,7 +361,7 @@ class Transformer(nn.Module):
         """tokens [T] -> float logits [R, V] of step.logit_rows (all T rows if None)."""
         ctx = self.ctx
         h = self.tok_embeddings(tokens)  # [T, H]
-        freqs = step.pos[:, None].float() * self.inv_freq.to(tokens.device)[None, :]
+        freqs = step.pos[:, None].float() * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)  # [T, hd]
         if ctx.flashcomm1:
@@ -375,6 +376,12 @@ class Transformer(nn.Module):
             h = self.norm(h)
         w = self.tok_embeddings.weight if self.output is None else self.output.weight
         return F.linear(h, w).float()
+
+    def init_buffers(self, device: torch.device) -> None:
+        """Move the non-weight index tensors (RoPE frequencies, kv head map) to `device`."""
+        self.inv_freq = self.inv_freq.to(device)
+        for layer in self.layers:
+            layer.attention.kv_index = layer.attention.kv_index.to(device)
 
     def o_proj_bytes(self) -> int:
         """Resident o_proj weight bytes on this rank (the series' ring included)."""

@@ -21,7 +21,7 @@ from flashcomm.costmodel import (
     layer_traffic,
     oshard_window_fits,
 )
-from flashcomm.model import ModelArgs
+from flashcomm.model_config import ModelArgs
 
 GIB = 1 << 30
 
@@ -187,9 +187,9 @@ def main(args: argparse.Namespace) -> int:
     """Run `flashcomm plan`."""
     model_dir = args.model
     if model_dir == "demo":
-        from flashcomm.demo import demo_checkpoint  # the cached demo checkpoint
+        from flashcomm.demo import cache_dir, ensure_checkpoint  # the cached demo checkpoint
 
-        model_dir = demo_checkpoint()
+        model_dir = ensure_checkpoint(cache_dir())
     m = ModelArgs.from_dir(model_dir)
     try:
         profile = HardwareProfile.load(args.profile)

@@ -1,0 +1,72 @@
+"""`flashcomm plan`: memory formulas, predictions, recommendation and errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from flashcomm.config import ConfigError
+from flashcomm.costmodel import HardwareProfile
+from flashcomm.model_config import ModelArgs
+from flashcomm.plan import GIB, make_plan
+
+LLAMA70B = {"model_type": "llama", "hidden_size": 8192, "num_hidden_layers": 80,
+            "num_attention_heads": 64, "num_key_value_heads": 8, "intermediate_size": 28672,
+            "vocab_size": 128256, "hidden_act": "silu"}
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA70B))
+    return tmp_path
+
+
+def test_o_proj_memory_follows_the_design_formulas() -> None:
+    m = ModelArgs.from_hf_config(LLAMA70B)
+    plan = make_plan(m, 8, HardwareProfile.load("h100-nvlink"), otps=[1, 2])
+    rows = {r["strategy"]: r for r in plan["strategies"]}
+    w = 8192 * 8192 * 2  # |W_o| in bf16
+    assert rows["allreduce"]["o_proj_bytes"] == 80 * w // 8
+    assert rows["flashcomm2(otp=1)"]["o_proj_bytes"] == 80 * w
+    assert rows["flashcomm2(otp=2)"]["o_proj_bytes"] == 80 * w // 2
+    for k in (0, 1, 2):
+        assert rows[f"flashcomm2(otp=1)+oshard(k={k})"]["o_proj_bytes"] == (
+            math.ceil(80 / 8) + k + 1) * w
+        assert rows[f"flashcomm2(otp=2)+oshard(k={k})"]["o_proj_bytes"] == (
+            math.ceil(80 / 4) + k + 1) * w // 2
+
+
+def test_recommendation_respects_the_budget_and_flashcomm2_wins_prefill() -> None:
+    m = ModelArgs.from_hf_config(LLAMA70B)
+    plan = make_plan(m, 8, HardwareProfile.load("h100-nvlink"), memory_budget_bytes=24 * GIB)
+    rows = {r["strategy"]: r for r in plan["strategies"]}
+    best = rows[plan["recommendation"]["strategy"]]
+    assert best["fits_budget"] and best["weight_bytes"] <= 24 * GIB
+    assert not rows["flashcomm2(otp=1)"]["fits_budget"]  # 10 GiB of replicated o_proj
+    assert rows["flashcomm2(otp=1)"]["prefill_comm_s"] < rows["allreduce"]["prefill_comm_s"]
+    cross = rows["flashcomm2(otp=1)"]["crossover_tokens"]
+    assert cross is not None and plan["decode_batch"] < cross < plan["prefill_tokens"]
+    tight = make_plan(m, 8, HardwareProfile.load("h100-nvlink"), memory_budget_bytes=1 * GIB)
+    assert tight["recommendation"]["strategy"] is None
+
+
+def test_bad_otp_names_the_knob() -> None:
+    m = ModelArgs.from_hf_config(LLAMA70B)
+    with pytest.raises(ConfigError, match=r"otp=3: must divide tp=8"):
+        make_plan(m, 8, HardwareProfile.load("pcie-gen4"), otps=[3])
+
+
+def test_cli_json_and_errors(model_dir) -> None:
+    cmd = [sys.executable, "-m", "flashcomm.cli", "plan", "--model", str(model_dir), "--tp", "8"]
+    out = subprocess.run([*cmd, "--json", "--profile", "pcie-gen4"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    assert plan["profile"] == "pcie-gen4" and plan["recommendation"]["strategy"]
+    out = subprocess.run([*cmd, "--profile", "nope.json"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and "--profile='nope.json'" in out.stderr

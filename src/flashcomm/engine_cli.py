@@ -12,15 +12,24 @@ import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from flashcomm.config import ConfigError, FlashCommConfig, parse_int
+from flashcomm.costmodel import HardwareProfile, Shape, crossover_tokens
+from flashcomm.costmodel import Strategy as CostStrategy
 from flashcomm.layout import ParallelLayout
 from flashcomm.loader import check_strategy, checkpoint_index, tensor_specs, validate_checkpoint
 from flashcomm.model import CheckpointError, ModelArgs, TPPlan
 
-ATTN_OUT = ("allreduce", "flashcomm2")
+if TYPE_CHECKING:
+    from flashcomm.engine import Engine
+    from flashcomm.groups import ParallelGroups
+
+ATTN_OUT = ("allreduce", "flashcomm2", "auto")
+NEVER = 1 << 62
+"""flashcomm2_min_tokens when FlashComm2 never wins: every step takes the all-reduce path."""
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
 
@@ -47,13 +56,33 @@ class RunSpec:
     """Stop a sequence at the config's eos_token_id."""
     flashcomm2_min_tokens: int = 0
     """Steps with fewer tokens use the row-parallel o_proj instead of FlashComm2."""
+    auto_profile: str | None = None
+    """--attn-out auto: 'fit' (measure at start-up) or a profile name/file; None = not auto."""
+
+
+def auto_min_tokens(args: ModelArgs, cfg: FlashCommConfig, profile: HardwareProfile,
+                    elt_bytes: int) -> int:
+    """--attn-out auto's threshold: the crossover T from which FlashComm2's per-layer comm
+    beats all-reduce's on `profile` (NEVER when it never does)."""
+    shape = Shape(hidden=args.dim, q_dim=args.q_dim, tp=cfg.tp, elt_bytes=elt_bytes)
+    fc2 = CostStrategy("flashcomm2", cfg.flashcomm2_otp, cfg.flashcomm1, cfg.comm_dtype)
+    cross = crossover_tokens(profile, shape, fc2, CostStrategy(flashcomm1=cfg.flashcomm1))
+    return NEVER if cross is None else cross
+
+
+def load_profile(name_or_path: str) -> HardwareProfile:
+    """A shipped profile or JSON file; ConfigError naming --profile otherwise."""
+    try:
+        return HardwareProfile.load(name_or_path)
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"--profile: {e}") from None
 
 
 def strategy_config(cfg: FlashCommConfig, attn_out: str | None, nproc: int) -> FlashCommConfig:
     """Merge --attn-out into the knobs (flashcomm2 implies otp >= 1) and validate for nproc."""
     if attn_out is not None and attn_out not in ATTN_OUT:
         raise ConfigError(f"attn_out={attn_out!r}: allowed values are {ATTN_OUT}")
-    if attn_out == "flashcomm2" and cfg.flashcomm2_otp == 0:
+    if attn_out in ("flashcomm2", "auto") and cfg.flashcomm2_otp == 0:
         cfg = replace(cfg, flashcomm2_otp=1)
     if attn_out == "allreduce" and cfg.flashcomm2_otp > 0:
         raise ConfigError(
@@ -88,10 +117,34 @@ def rank_main(rank: int, world: int, spec: RunSpec) -> dict:
     engine = Engine.from_checkpoint(spec.model, spec.cfg, groups, device=device,
                                     dtype=DTYPES[spec.dtype], progress=rank == 0,
                                     flashcomm2_min_tokens=spec.flashcomm2_min_tokens)
+    auto = {}
+    if spec.auto_profile is not None:
+        auto = resolve_auto(engine, groups, spec.auto_profile)
     res = engine.generate([list(p) for p in spec.prompts], spec.max_new_tokens,
                           temperature=spec.temperature, seed=spec.seed,
                           stop_at_eos=spec.stop_at_eos)
-    return {"rank": rank, **res.to_dict()}
+    return {"rank": rank, **res.to_dict(), **auto}
+
+
+def resolve_auto(engine: Engine, groups: ParallelGroups, profile: str) -> dict:
+    """Set the engine's per-step threshold from `profile` ('fit': measure now, collectively);
+    one resident FlashComm2 W_o serves both paths, so memory is FlashComm2's."""
+    import torch.distributed as dist
+
+    if profile == "fit":
+        from flashcomm.bench.fit import fit_profile
+
+        prof = fit_profile(groups, width=engine.model.args.dim)
+    else:
+        prof = load_profile(profile)
+    model = engine.model
+    elt = model.tok_embeddings.weight.element_size()
+    threshold = torch.tensor([auto_min_tokens(model.args, model.ctx.cfg, prof, elt)])
+    if groups.tp.group is not None:  # every rank must take the same path at every step
+        dist.broadcast(threshold, src=groups.tp.global_rank(0), group=groups.tp.group)
+    model.ctx.flashcomm2_min_tokens = int(threshold)
+    return {"flashcomm2_min_tokens": int(threshold), "profile": prof.name,
+            "profile_dict": prof.to_dict()}
 
 
 def _device() -> torch.device:
@@ -119,6 +172,11 @@ def run_spec(spec: RunSpec, nproc: int, timeout_s: float = 600.0) -> list[dict]:
 def summary(results: list[dict], cfg: FlashCommConfig) -> dict:
     """The --json object: rank 0's tokens/text/timings plus per-rank memory and traffic."""
     r0 = results[0]
+    auto = {}
+    if "flashcomm2_min_tokens" in r0:
+        t = r0["flashcomm2_min_tokens"]
+        auto = {"auto": {"flashcomm2_min_tokens": None if t >= NEVER else t,
+                         "profile": r0["profile_dict"]}}
     return {
         "tokens": r0["tokens"],
         "text": r0["text"],
@@ -132,6 +190,7 @@ def summary(results: list[dict], cfg: FlashCommConfig) -> dict:
                                "blocked_wait_ms")}
             for r in results
         ],
+        **auto,
     }
 
 
@@ -152,6 +211,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop-at-eos", action="store_true", help="stop at eos_token_id")
     parser.add_argument("--flashcomm2-min-tokens", default="0",
                         help="steps with fewer tokens use the all-reduce o_proj")
+    parser.add_argument("--profile", default="fit",
+                        help="--attn-out auto: 'fit' (measure collectives at start-up, a few "
+                        "seconds), a shipped profile (h100-nvlink, pcie-gen4) or a JSON file")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -167,9 +229,14 @@ def main(args: argparse.Namespace) -> int:
     except CheckpointError as e:
         print(f"flashcomm run: {e}", file=sys.stderr)
         return 2
+    auto_profile = None
+    if args.attn_out == "auto":
+        auto_profile = args.profile
+        if auto_profile != "fit":
+            load_profile(auto_profile)  # a bad --profile fails here, before any rank starts
     spec = RunSpec(args.model, cfg, prompts, parse_int("max_new_tokens", args.max_new_tokens),
                    args.temperature, args.seed, args.dtype, args.stop_at_eos,
-                   parse_int("flashcomm2_min_tokens", args.flashcomm2_min_tokens))
+                   parse_int("flashcomm2_min_tokens", args.flashcomm2_min_tokens), auto_profile)
     if torchrun:
         from flashcomm.launch import init_distributed
 
@@ -196,6 +263,12 @@ def main(args: argparse.Namespace) -> int:
         print(f"rank {r['rank']}: o_proj {r['o_proj_bytes'] / 2**20:.2f} MiB, weights "
               f"{r['weight_bytes'] / 2**20:.2f} MiB, comm {r['comm_bytes'] / 2**10:.1f} KiB, "
               f"blocked wait {r['blocked_wait_ms']:.2f} ms")
+    if "auto" in out:
+        t = out["auto"]["flashcomm2_min_tokens"]
+        when = "never (all-reduce every step)" if t is None else f"from T >= {t} tokens per step"
+        print(f"attn-out auto: FlashComm2 {when}, all-reduce below (profile "
+              f"{out['auto']['profile']['name']}); one resident FlashComm2 W_o serves both "
+              f"paths, so o_proj memory is FlashComm2's")
     return 0
 
 

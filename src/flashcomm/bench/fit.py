@@ -1,0 +1,148 @@
+"""Fit an alpha-beta HardwareProfile to a quick micro-benchmark on the current backend.
+
+Every op of costmodel.OPS is timed THROUGH the flashcomm.comm functions the engine calls (so the
+fit reflects the primitive comm.py chose for this backend; broadcast is the plain
+dist.broadcast that ShardedSeries issues), at a few sizes, on every group size the caller's
+ParallelGroups has (TP, plus FlashComm2's odp / otp groups when they differ). Bytes per call are
+the CommCounter's logical bytes, i.e. exactly what costmodel.layer_traffic predicts, so the fit
+and the model agree on units. Each sample's time is the slowest rank's median over rounds
+(all-reduced with MAX), so every rank gets the same samples and the same fit: a threshold
+derived from it is identical on every rank (a prerequisite of per-step strategy choice).
+Collective over the group's world: every rank must call fit_profile alike.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from flashcomm import comm
+from flashcomm.costmodel import HardwareProfile, OpCost, fit_op
+from flashcomm.groups import GroupHandle, ParallelGroups
+
+DEFAULT_ROWS = (1, 16, 256, 1024, 4096)
+"""Token rows per sample: from decode-sized (alpha-bound) to prefill-sized (bandwidth-bound)."""
+
+
+def _op_calls(group: GroupHandle, rows: int, width: int, dtype: torch.dtype,
+              counter: comm.CommCounter) -> dict[str, tuple[float, Callable[[], object]]]:
+    """op -> (bytes sent per rank, call) at `rows` tokens of `width` features in `group`."""
+    n = group.size
+    rows = comm.padded_tokens(rows, n)
+    x = torch.randn(rows, width).to(dtype)  # [T, W]
+    chunk = x[: rows // n].clone()  # [T/N, W]
+    src, buf = group.global_rank(0), x.clone()
+
+    def bcast() -> None:
+        dist.broadcast(buf, src=src, group=group.group)
+
+    calls = {
+        "all_reduce": lambda: comm.all_reduce(x.clone(), group, counter),
+        "reduce_scatter": lambda: comm.reduce_scatter_tokens(x, group, counter),
+        "all_gather": lambda: comm.all_gather_tokens(chunk, rows, group, counter),
+        "all_to_all": lambda: comm.all_to_all(x, group, counter),
+    }
+    out = {}
+    for op, fn in calls.items():
+        counter.reset()
+        fn()  # warm-up; also records the logical bytes of one call
+        out[op] = (float(counter.total()), fn)
+    out["broadcast"] = (float(x.nbytes), bcast)  # a series prefetch: the whole tensor
+    bcast()
+    return out
+
+
+def fit_profile(
+    groups: ParallelGroups,
+    *,
+    rows: tuple[int, ...] = DEFAULT_ROWS,
+    width: int = 256,
+    rounds: int = 5,
+    dtype: torch.dtype = torch.float32,
+    matmul_size: int = 512,
+    name: str | None = None,
+) -> HardwareProfile:
+    """Time each collective at each size in each distinct group size; fit per-N OpCosts."""
+    if len(rows) < 2 or rounds < 1:
+        raise ValueError(f"fit_profile: need >= 2 sizes (rows={rows}) and rounds >= 1")
+    handles: dict[int, GroupHandle] = {}
+    for h in (groups.tp, groups.odp, groups.otp):
+        if h is not None and h.group is not None:
+            handles.setdefault(h.size, h)  # equal sizes: one fit (ops cost by size, not members)
+    if not handles:
+        raise ValueError("fit_profile: the TP group has one rank, nothing to measure")
+    t_start = time.perf_counter()
+    counter = comm.CommCounter()
+    keys: list[tuple[int, str, float]] = []
+    times: list[float] = []
+    for n, h in sorted(handles.items()):
+        for r in rows:
+            for op, (nbytes, fn) in _op_calls(h, r, width, dtype, counter).items():
+                samples = []
+                for _ in range(rounds):
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    fn()
+                    samples.append(time.perf_counter() - t0)
+                keys.append((n, op, nbytes))
+                times.append(statistics.median(samples))
+    # the matmul rate, with every rank computing at once as in a real step
+    a = torch.randn(matmul_size, matmul_size).to(dtype)
+    a @ a
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        a @ a
+    times.append((time.perf_counter() - t0) / rounds)
+    slowest = torch.tensor(times, dtype=torch.float64)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # identical samples on every rank
+    measured = slowest.tolist()
+    flops = 2.0 * matmul_size**3 / measured[-1]
+    per_tp: dict[int, dict[str, OpCost]] = {}
+    for n in handles:
+        for op in dict.fromkeys(op for m, op, _ in keys if m == n):
+            pts = [(b, t) for (m, o, b), t in zip(keys, measured, strict=False)
+                   if m == n and o == op]
+            per_tp.setdefault(n, {})[op] = fit_op(pts)
+    tp = groups.tp.size
+    backend = dist.get_backend(groups.tp.group)
+    return HardwareProfile(
+        name=name or f"{backend}-fit-N{tp}",
+        ops=dict(per_tp[max(per_tp, key=lambda m: (m == tp, m))]),
+        matmul_flops_per_s=flops,
+        per_tp=per_tp,
+        source=(f"fitted by flashcomm.bench.fit on {backend}, torch {torch.__version__}, "
+                f"{torch.get_num_threads()} thread(s)/rank, group sizes {sorted(per_tp)}, "
+                f"rows {list(rows)} x width {width} {str(dtype).removeprefix('torch.')}, "
+                f"{rounds} rounds, {time.perf_counter() - t_start:.1f} s"),
+    )
+
+
+def write_profile(profile: HardwareProfile, path: str | Path) -> Path:
+    """Write `profile` as JSON (loadable with HardwareProfile.load / `plan --profile FILE`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(profile.to_dict(), indent=1))
+    return path
+
+
+def fit_rank(rank: int, world: int, otp: int, kwargs: dict) -> dict:
+    """run_local worker: build the groups of (tp=world, otp) and return the fitted profile."""
+    from flashcomm.layout import ParallelLayout
+
+    groups = ParallelGroups.build(ParallelLayout(tp=world, otp=otp), shard_weights=())
+    return fit_profile(groups, **kwargs).to_dict()
+
+
+def fit_local(nproc: int, otp: int = 0, timeout_s: float = 120.0, **kwargs) -> HardwareProfile:
+    """Spawn `nproc` local ranks, fit, return the profile (`flashcomm bench comm --fit`)."""
+    from flashcomm.launch import default_backend, run_local
+
+    out = run_local(fit_rank, nproc, otp, kwargs, backend=default_backend(), timeout_s=timeout_s)
+    return HardwareProfile.from_dict(out[0])

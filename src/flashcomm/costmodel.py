@@ -102,16 +102,20 @@ class HardwareProfile:
         return cls.from_dict(json.loads(text))
 
 
-def fit_op(samples: list[tuple[float, float]]) -> OpCost:
-    """Least-squares alpha-beta fit of (bytes_sent, seconds) samples, clamped to alpha >= 0."""
+def fit_op(samples: list[tuple[float, float]], relative: bool = False) -> OpCost:
+    """Least-squares alpha-beta fit of (bytes_sent, seconds) samples, clamped to alpha >= 0.
+
+    relative=True minimises relative errors (weights 1/seconds^2), so samples spanning orders
+    of magnitude fix alpha from the small ones and bandwidth from the large ones."""
     if len(samples) < 2:
         raise ValueError("fit_op: need at least two (bytes, seconds) samples")
-    n = len(samples)
-    mx = sum(b for b, _ in samples) / n
-    my = sum(t for _, t in samples) / n
-    sxx = sum((b - mx) ** 2 for b, _ in samples)
-    slope = sum((b - mx) * (t - my) for b, t in samples) / sxx if sxx else 0.0
-    slope = max(slope, 1e-15)
+    w = [1.0 / max(t, 1e-12) ** 2 if relative else 1.0 for _, t in samples]
+    sw = sum(w)
+    mx = sum(wi * b for wi, (b, _) in zip(w, samples, strict=True)) / sw
+    my = sum(wi * t for wi, (_, t) in zip(w, samples, strict=True)) / sw
+    sxx = sum(wi * (b - mx) ** 2 for wi, (b, _) in zip(w, samples, strict=True))
+    sxy = sum(wi * (b - mx) * (t - my) for wi, (b, t) in zip(w, samples, strict=True))
+    slope = max(sxy / sxx if sxx else 0.0, 1e-15)
     alpha = max(my - slope * mx, 0.0)
     return OpCost(alpha_s=alpha, bytes_per_s=1.0 / slope)
 

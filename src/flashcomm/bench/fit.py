@@ -5,9 +5,10 @@ fit reflects the primitive comm.py chose for this backend; broadcast is the plai
 dist.broadcast that ShardedSeries issues), at a few sizes, on every group size the caller's
 ParallelGroups has (TP, plus FlashComm2's odp / otp groups when they differ). Bytes per call are
 the CommCounter's logical bytes, i.e. exactly what costmodel.layer_traffic predicts, so the fit
-and the model agree on units. Each sample's time is the slowest rank's median over rounds
-(all-reduced with MAX), so every rank gets the same samples and the same fit: a threshold
-derived from it is identical on every rank (a prerequisite of per-step strategy choice).
+and the model agree on units. Each sample's time is the median over rounds of the slowest
+rank's time (all-reduced with MAX), so every rank gets the same samples and the same fit: a
+threshold derived from it is identical on every rank (a prerequisite of per-step choice).
+The fit minimises relative error, so decode-sized samples fix alpha and large ones bandwidth.
 Collective over the group's world: every rank must call fit_profile alike.
 """
 
@@ -35,7 +36,7 @@ def _op_calls(group: GroupHandle, rows: int, width: int, dtype: torch.dtype,
     """op -> (bytes sent per rank, call) at `rows` tokens of `width` features in `group`."""
     n = group.size
     rows = comm.padded_tokens(rows, n)
-    x = torch.randn(rows, width).to(dtype)  # [T, W]
+    x = torch.zeros(rows, width, dtype=dtype)  # [T, W]; zeros: repeated in-place sums stay 0
     chunk = x[: rows // n].clone()  # [T/N, W]
     src, buf = group.global_rank(0), x.clone()
 
@@ -43,7 +44,7 @@ def _op_calls(group: GroupHandle, rows: int, width: int, dtype: torch.dtype,
         dist.broadcast(buf, src=src, group=group.group)
 
     calls = {
-        "all_reduce": lambda: comm.all_reduce(x.clone(), group, counter),
+        "all_reduce": lambda: comm.all_reduce(x, group, counter),
         "reduce_scatter": lambda: comm.reduce_scatter_tokens(x, group, counter),
         "all_gather": lambda: comm.all_gather_tokens(chunk, rows, group, counter),
         "all_to_all": lambda: comm.all_to_all(x, group, counter),
@@ -63,7 +64,7 @@ def fit_profile(
     *,
     rows: tuple[int, ...] = DEFAULT_ROWS,
     width: int = 256,
-    rounds: int = 5,
+    rounds: int = 7,
     dtype: torch.dtype = torch.float32,
     matmul_size: int = 512,
     name: str | None = None,
@@ -80,7 +81,7 @@ def fit_profile(
     t_start = time.perf_counter()
     counter = comm.CommCounter()
     keys: list[tuple[int, str, float]] = []
-    times: list[float] = []
+    times: list[list[float]] = []  # [sample][round]
     for n, h in sorted(handles.items()):
         for r in rows:
             for op, (nbytes, fn) in _op_calls(h, r, width, dtype, counter).items():
@@ -91,25 +92,27 @@ def fit_profile(
                     fn()
                     samples.append(time.perf_counter() - t0)
                 keys.append((n, op, nbytes))
-                times.append(statistics.median(samples))
+                times.append(samples)
     # the matmul rate, with every rank computing at once as in a real step
     a = torch.randn(matmul_size, matmul_size).to(dtype)
     a @ a
-    dist.barrier()
-    t0 = time.perf_counter()
+    samples = []
     for _ in range(rounds):
+        dist.barrier()
+        t0 = time.perf_counter()
         a @ a
-    times.append((time.perf_counter() - t0) / rounds)
+        samples.append(time.perf_counter() - t0)
+    times.append(samples)
     slowest = torch.tensor(times, dtype=torch.float64)
-    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # identical samples on every rank
-    measured = slowest.tolist()
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # a round lasts as long as its slowest rank
+    measured = [statistics.median(r) for r in slowest.tolist()]  # identical on every rank
     flops = 2.0 * matmul_size**3 / measured[-1]
     per_tp: dict[int, dict[str, OpCost]] = {}
     for n in handles:
         for op in dict.fromkeys(op for m, op, _ in keys if m == n):
             pts = [(b, t) for (m, o, b), t in zip(keys, measured, strict=False)
                    if m == n and o == op]
-            per_tp.setdefault(n, {})[op] = fit_op(pts)
+            per_tp.setdefault(n, {})[op] = fit_op(pts, relative=True)
     tp = groups.tp.size
     backend = dist.get_backend(groups.tp.group)
     return HardwareProfile(

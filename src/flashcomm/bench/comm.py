@@ -258,7 +258,7 @@ def plot(records: list[dict], out: Path) -> None:
             ax.set(xscale="log", yscale="log", xlabel="T tokens", ylabel=lab,
                    title=f"N={n} H={rows[0]['H']} D={d}")
             ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+        axes[0][col].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out / "comm.png", dpi=110)
     plt.close(fig)

@@ -78,12 +78,14 @@ def _worker(
     args: tuple,
 ) -> None:
     torch.set_num_threads(threads)
+    phase = "init"
     try:
         init_distributed(rank, world, backend, group_timeout_s, init_method)
+        phase = "run"
         out = fn(rank, world, *args)
-        results.put((rank, True, out))
+        results.put((rank, "ok", out))
     except BaseException:  # noqa: BLE001 - the parent reports it with the rank attached
-        results.put((rank, False, traceback.format_exc()))
+        results.put((rank, phase, traceback.format_exc()))
     finally:
         if dist.is_initialized():
             try:
@@ -100,14 +102,39 @@ def run_local(
     timeout_s: float = 300.0,
     group_timeout_s: float = DEFAULT_GROUP_TIMEOUT_S,
     threads_per_rank: int | None = None,
+    init_retries: int = 2,
 ) -> list[Any]:
     """Call `fn(rank, world, *args)` on `nproc` spawned ranks and return their results by rank.
 
     `fn` must be importable (module level) and its result picklable. Raises RankFailure if any
     rank raises, or if the ranks do not all finish within `timeout_s` (the survivors are killed,
-    so a hang becomes an error)."""
+    so a hang becomes an error). A group whose rendezvous itself failed (gloo's full-mesh connect
+    can time out on an overloaded machine) is started again, up to `init_retries` times."""
     if nproc < 1:
         raise ValueError(f"nproc={nproc}: must be >= 1")
+    for attempt in range(init_retries + 1):
+        try:
+            return _run_once(fn, nproc, args, backend, timeout_s, group_timeout_s,
+                             threads_per_rank)
+        except _InitFailure as e:
+            if attempt == init_retries:
+                raise RankFailure(str(e)) from None
+    raise AssertionError("unreachable")
+
+
+class _InitFailure(RankFailure):
+    """Process-group initialisation failed on some rank; nothing of `fn` ran there."""
+
+
+def _run_once(
+    fn: Callable[..., Any],
+    nproc: int,
+    args: tuple,
+    backend: str,
+    timeout_s: float,
+    group_timeout_s: float,
+    threads_per_rank: int | None,
+) -> list[Any]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     # a file rendezvous cannot race with other process groups for a TCP port
@@ -128,6 +155,7 @@ def run_local(
     errors: dict[int, str] = {}
     deadline = time.monotonic() + timeout_s
     error_deadline = 0.0
+    init_failed = False
     try:
         while len(outputs) + len(errors) < nproc:
             if errors and not error_deadline:
@@ -137,7 +165,7 @@ def run_local(
             if remaining <= 0:
                 break
             try:
-                rank, ok, value = results.get(timeout=min(remaining, 1.0))
+                rank, phase, value = results.get(timeout=min(remaining, 1.0))
             except queue.Empty:
                 dead = [r for r, p in enumerate(procs)
                         if not p.is_alive() and p.exitcode not in (0, None)
@@ -145,7 +173,11 @@ def run_local(
                 for r in dead:
                     errors[r] = f"process exited with code {procs[r].exitcode}"
                 continue
-            (outputs if ok else errors)[rank] = value
+            if phase == "ok":
+                outputs[rank] = value
+            else:
+                errors[rank] = value
+                init_failed |= phase == "init"
     finally:
         for p in procs:
             p.join(timeout=5.0 if not errors else 0.5)
@@ -158,5 +190,6 @@ def run_local(
         story = [f"--- rank {r} ---\n{errors[r]}" for r in sorted(errors)]
         if missing:
             story.append(f"ranks {missing} did not finish within {timeout_s:.0f}s (killed)")
-        raise RankFailure(f"{len(errors)} of {nproc} ranks failed\n" + "\n".join(story))
+        error = _InitFailure if init_failed else RankFailure
+        raise error(f"{len(errors)} of {nproc} ranks failed\n" + "\n".join(story))
     return [outputs[r] for r in range(nproc)]

@@ -15,11 +15,13 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from flashcomm.bench.fit import fit_local, write_profile
 from flashcomm.comm import (
     CommCounter,
     all_gather_tokens,
@@ -50,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--candidates", action="store_true",
                         help="also time alternative primitive implementations at T=2048")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per spawned group")
+    parser.add_argument("--fit", action="store_true",
+                        help="only fit the alpha-beta cost model (quick) and write profile.json")
 
 
 def strategies(n: int) -> list[tuple[str, int, bool, str]]:
@@ -264,10 +268,29 @@ def plot(records: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def fit_main(args: argparse.Namespace, out: Path) -> int:
+    """`--fit`: one quick fit per N, merged into one profile (per_tp) in profile.json."""
+    fits = {n: fit_local(n, otp=n // 2 if n > 2 else 0, timeout_s=args.timeout) for n in args.world}
+    per_tp = {m: ops for p in fits.values() for m, ops in p.per_tp.items()}
+    widest = fits[max(fits)]
+    profile = replace(widest, name=f"gloo-fit-N{'-'.join(map(str, sorted(per_tp)))}",
+                      per_tp=per_tp, source=" | ".join(p.source for p in fits.values()))
+    path = write_profile(profile, out / "profile.json")
+    for n, ops in sorted(per_tp.items()):
+        for op, c in ops.items():
+            print(f"N={n} {op:<15} alpha {c.alpha_s * 1e6:9.1f} us   "
+                  f"{c.bytes_per_s / 1e9:7.3f} GB/s")
+    print(f"matmul {profile.matmul_flops_per_s / 1e9:.1f} GFLOP/s\nwrote {path} "
+          f"(use: flashcomm plan --profile {path})")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
-    """Run every world size, write comm.json and comm.png."""
+    """Run every world size, write comm.json and comm.png (or only fit, with --fit)."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.fit:
+        return fit_main(args, out)
     result: dict = {"strategies": [], "primitives": [], "candidates": [], "backend": "gloo",
                     "threads": torch.get_num_threads(), "torch": torch.__version__}
     for n in args.world:

@@ -175,7 +175,7 @@ def layer_traffic(s: Strategy, shape: Shape, tokens: int) -> list[tuple[str, int
     out: list[tuple[str, int, float]] = []
     if s.attn_out == "allreduce":
         out.append(("reduce_scatter", n, rs_ag) if s.flashcomm1
-                   else ("all_reduce", n, 2 * (n - 1) / n * tokens * h * e))
+                   else ("all_reduce", n, 2 * (n - 1) / n * t_pad * h * e))
     else:
         otp = s.otp
         odp = n // otp
@@ -190,7 +190,7 @@ def layer_traffic(s: Strategy, shape: Shape, tokens: int) -> list[tuple[str, int
     if s.flashcomm1:  # MLP down-proj reduce-scatter + the all-gather before the next QKV
         out += [("reduce_scatter", n, rs_ag), ("all_gather", n, rs_ag)]
     else:
-        out.append(("all_reduce", n, 2 * (n - 1) / n * tokens * h * e))
+        out.append(("all_reduce", n, 2 * (n - 1) / n * t_pad * h * e))
     return out
 
 

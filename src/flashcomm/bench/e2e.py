@@ -36,6 +36,9 @@ MODEL_SIZES = {
                    max_position_embeddings=8192),
 }
 """--model demo --model-size: the cached random checkpoint to use (small = flashcomm demo's)."""
+SMALL_STEP_TOKENS = 1024
+"""Steps of at most this many tokens are repeated SMALL_STEP_FACTOR times more."""
+SMALL_STEP_FACTOR = 3
 
 
 @dataclass(frozen=True)
@@ -142,7 +145,7 @@ def e2e_rank(rank: int, world: int, model_dir: str, opts: dict) -> dict:
     """One rank of the benchmark group; rank 0 returns the timings, every rank its memory."""
     from flashcomm.bench.fit import fit_profile
     from flashcomm.engine import Engine
-    from flashcomm.engine_cli import auto_min_tokens
+    from flashcomm.engine_cli import NEVER, auto_min_tokens
     from flashcomm.groups import ParallelGroups
     from flashcomm.layout import ParallelLayout
     from flashcomm.model import KVCache, ModelArgs, Step
@@ -222,10 +225,16 @@ def e2e_rank(rank: int, world: int, model_dir: str, opts: dict) -> dict:
 
     # (3) timed steps, strategies in a rotating order per repeat
     reps = opts["repeats"]
-    lat = torch.zeros(len(rows), len(grid), reps, dtype=torch.float64)
+    # cheap steps (<= SMALL_STEP_TOKENS tokens) get SMALL_STEP_FACTOR x the repeats: noise
+    # weighs most on them and they cost little
+    case_reps = [reps * (SMALL_STEP_FACTOR if size <= SMALL_STEP_TOKENS else 1)
+                 for _, size in grid]
+    lat = torch.full((len(rows), len(grid), max(case_reps)), float("nan"), dtype=torch.float64)
     wait = torch.zeros_like(lat)
-    for rep in range(reps):
+    for rep in range(max(case_reps)):
         for ci in range(len(grid)):
+            if rep >= case_reps[ci]:
+                continue
             order = [(rep + j) % len(rows) for j in range(len(rows))]
             for ri in order:
                 dist.barrier()
@@ -237,7 +246,7 @@ def e2e_rank(rank: int, world: int, model_dir: str, opts: dict) -> dict:
     # (4) communication alone: each distinct collective pattern, interleaved the same way
     patterns = {r.cost: r.cfg for r in rows if not r.auto and not r.cfg.layer_sharding}
     pat_keys = list(patterns)
-    creps = 2 * reps  # comm alone is cheap: more samples against scheduling noise
+    creps = 2 * max(case_reps)  # comm alone is cheap: more samples against scheduling noise
     comm_t = torch.zeros(len(pat_keys), len(grid), creps, dtype=torch.float64)
     for ci, (_, size) in enumerate(grid):
         fns = [_replay(models[patterns[k]].ctx.groups, patterns[k], args.dim, args.q_dim,
@@ -254,6 +263,9 @@ def e2e_rank(rank: int, world: int, model_dir: str, opts: dict) -> dict:
     for t in (lat, wait, comm_t):
         dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank's sample
 
+    def samples(t: torch.Tensor, ci: int) -> list[float]:
+        return [v for v in t[ci].tolist() if v == v][: case_reps[ci]]  # drop the NaN padding
+
     memory = {row.name: _memory(models[row.cfg], kv_bytes) for row in rows}
     if rank != 0:
         return {"rank": rank, "memory": memory}
@@ -264,7 +276,8 @@ def e2e_rank(rank: int, world: int, model_dir: str, opts: dict) -> dict:
                   "heads": args.n_heads, "kv_heads": args.n_kv_heads, "elt_bytes": elt},
         "N": world, "threads_per_rank": torch.get_num_threads(), "torch": torch.__version__,
         "backend": dist.get_backend(), "repeats": reps, "decode_context": ctx_len,
-        "profile": profile.to_dict(), "fit_s": fit_s, "auto_threshold": threshold,
+        "profile": profile.to_dict(), "fit_s": fit_s,
+        "auto_threshold": None if threshold >= NEVER else threshold,
         "cases": [{"kind": k, "size": s, "tokens": s, "label": case_label(k, s)}
                   for k, s in grid],
         "strategies": [{
@@ -275,7 +288,8 @@ def e2e_rank(rank: int, world: int, model_dir: str, opts: dict) -> dict:
             "comm_pattern": (None if row.auto else
                              pat_keys.index(replace(row.cost, oshard_k=None))),
             "steps": [{
-                "latency_s": lat[ri, ci].tolist(), "blocked_wait_s": wait[ri, ci].tolist(),
+                "latency_s": samples(lat[ri], ci),
+                "blocked_wait_s": wait[ri, ci, :case_reps[ci]].tolist(),
                 "bytes_sent": bytes_sent[(ri, ci)], "fetch_bytes": fetched[(ri, ci)],
                 "same_argmax_as_allreduce": same_tokens[(ri, ci)],
             } for ci in range(len(grid))],

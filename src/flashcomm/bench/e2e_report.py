@@ -69,7 +69,7 @@ def summarize(raw: dict) -> dict:
     grid = [c["tokens"] for c in raw["cases"]]
     by_name = {s["name"]: s for s in raw["strategies"]}
     replay = [[statistics.median(t) for t in p["times_s"]] for p in raw["comm_replay"]]
-    threshold = raw["auto_threshold"]
+    threshold = raw["auto_threshold"] if raw["auto_threshold"] is not None else math.inf
     for s in raw["strategies"]:
         cost = _cost(s["cost"])
         for ci, st in enumerate(s["steps"]):
@@ -164,7 +164,8 @@ def format_report(res: dict) -> str:
     lines = [f"model {m['dir']}: L={m['layers']} H={m['hidden']} D={m['q_dim']} "
              f"FF={m['intermediate']}; N={res['N']} {res['backend']}, "
              f"{res['threads_per_rank']} thread(s)/rank, {res['repeats']} repeats, fit "
-             f"{res['fit_s']:.1f} s, auto threshold T >= {res['auto_threshold']}", ""]
+             f"{res['fit_s']:.1f} s, auto: FlashComm2 from T >= {res['auto_threshold']} "
+             f"(None = never)", ""]
     hdr = f"{'strategy':<18} " + " ".join(f"{c['label']:>24}" for c in cases)
     lines += ["step latency ms: median [min-max] (ratio to allreduce)", hdr, "-" * len(hdr)]
     for s in res["strategies"]:
@@ -204,6 +205,9 @@ def format_report(res: dict) -> str:
     for k, c in res["checks"].items():
         lines.append(f"  {k}: {c['value']:.3f} (limit {c['limit']:.3f}) "
                      f"{'OK' if c['ok'] else 'FAIL'}")
+        for row in c.get("per_case", []):
+            lines.append(f"    {row['case']:<16} auto / best fixed = "
+                         f"{row['ratio_to_best_fixed']:.3f}")
     return "\n".join(lines)
 
 

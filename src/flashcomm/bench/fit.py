@@ -65,11 +65,16 @@ def fit_profile(
     rows: tuple[int, ...] = DEFAULT_ROWS,
     width: int = 256,
     rounds: int = 7,
+    calls: int = 4,
     dtype: torch.dtype = torch.float32,
     matmul_size: int = 512,
     name: str | None = None,
 ) -> HardwareProfile:
-    """Time each collective at each size in each distinct group size; fit per-N OpCosts."""
+    """Time each collective at each size in each distinct group size; fit per-N OpCosts.
+
+    A sample is `calls` back-to-back calls after a barrier (per call): a lone call after a
+    barrier would also time the ranks' scheduling skew leaving it, which a step's sequence of
+    collectives mostly does not pay."""
     if len(rows) < 2 or rounds < 1:
         raise ValueError(f"fit_profile: need >= 2 sizes (rows={rows}) and rounds >= 1")
     handles: dict[int, GroupHandle] = {}
@@ -89,8 +94,9 @@ def fit_profile(
                 for _ in range(rounds):
                     dist.barrier()
                     t0 = time.perf_counter()
-                    fn()
-                    samples.append(time.perf_counter() - t0)
+                    for _ in range(calls):  # back to back, as a step issues them
+                        fn()
+                    samples.append((time.perf_counter() - t0) / calls)
                 keys.append((n, op, nbytes))
                 times.append(samples)
     # the matmul rate, with every rank computing at once as in a real step
@@ -123,7 +129,7 @@ def fit_profile(
         source=(f"fitted by flashcomm.bench.fit on {backend}, torch {torch.__version__}, "
                 f"{torch.get_num_threads()} thread(s)/rank, group sizes {sorted(per_tp)}, "
                 f"rows {list(rows)} x width {width} {str(dtype).removeprefix('torch.')}, "
-                f"{rounds} rounds, {time.perf_counter() - t_start:.1f} s"),
+                f"{rounds} rounds x {calls} calls, {time.perf_counter() - t_start:.1f} s"),
     )
 
 

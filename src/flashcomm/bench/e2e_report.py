@@ -233,6 +233,7 @@ def plot(res: dict, out: Path) -> None:
                else "prompt tokens T", ylabel="median step latency / allreduce",
                title=f"{kind}, N={res['N']}")
         ax.set_xticks(xs, [str(v) for v in xs])
+        ax.minorticks_off()
         ax.grid(True, alpha=0.3)
     axes[1].legend(fontsize=7)
     fig.tight_layout()

@@ -75,7 +75,7 @@ def load_profile(name_or_path: str) -> HardwareProfile:
     try:
         return HardwareProfile.load(name_or_path)
     except (ValueError, KeyError) as e:
-        raise ConfigError(f"--profile: {e}") from None
+        raise ConfigError(str(e)) from None
 
 
 def strategy_config(cfg: FlashCommConfig, attn_out: str | None, nproc: int) -> FlashCommConfig:

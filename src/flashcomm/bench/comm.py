@@ -4,6 +4,8 @@ Every strategy runs the o_proj path from the local attention output [T, D/N] unt
 holds [T, H] again (FlashComm1 strategies include their later all-gather; the norms between run
 on T/N tokens and are not timed). Time per round is the slowest rank's. One spawned group per
 N runs every (strategy, T, D) side by side, so results compare as ratios to the all-reduce path.
+`comm_*_s` times the same collectives replayed alone (flashcomm.bench.replay, no matmul), the
+communication-only figure: on CPU the o_proj matmul dominates the path time.
 JSON: `strategies` (bytes per op, DESIGN.md formula bytes, times, ratios), `primitives`
 (op, bytes, seconds of each chosen primitive: input for an alpha-beta fit) and, with
 --candidates, `candidates` (alternative implementations of each primitive on this backend).
@@ -22,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from flashcomm.bench.fit import fit_local, write_profile
+from flashcomm.bench.replay import attn_out_replay
 from flashcomm.comm import (
     CommCounter,
     all_gather_tokens,
@@ -129,16 +132,14 @@ def _strategy_worker(rank: int, world: int, tokens: list[int], h: int, dims: lis
                 _path(groups[otp], otp, fc1, dtype, x, w, b, counter)
                 times = _timed(lambda g=groups[otp], o=otp, f=fc1, dt=dtype, x=x, w=w, b=b:
                                _path(g, o, f, dt, x, w, b, None), rounds)
-                # the same o_proj matmul alone: path minus it is the communication time
-                rows = t if otp == 0 else otp * -(-t // world)
-                m = x if otp == 0 else torch.randn(rows, cols)
-                mm = statistics.median(_timed(lambda m=m, w=w: m @ w.t(), rounds))
-                st = _stats(times)
+                # the same collectives alone (no matmul): the communication-only time
+                replay = attn_out_replay(groups[otp], otp, fc1, dtype, h, d, t)
+                comm_st = _stats(_timed(replay, rounds))
                 records.append({"strategy": name, "N": world, "T": t, "H": h, "D": d,
                                 "otp": otp, "flashcomm1": fc1, "comm_dtype": dtype,
                                 "bytes_sent": dict(counter.bytes_sent),
-                                "bytes_total": counter.total(), **st, "matmul_median_s": mm,
-                                "comm_median_s": max(st["median_s"] - mm, 0.0)})
+                                "bytes_total": counter.total(), **_stats(times),
+                                **{f"comm_{k}": v for k, v in comm_st.items()}})
     for t in tokens:  # the chosen primitives alone, for a later alpha-beta fit
         y = torch.randn(t, h, generator=gen)  # [T, H]
         c = CommCounter()

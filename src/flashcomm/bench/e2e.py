@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from flashcomm import comm
 from flashcomm.checkpoint import small_llama_config, write_checkpoint
 from flashcomm.config import FlashCommConfig
 from flashcomm.costmodel import Strategy as CostStrategy
@@ -90,45 +89,6 @@ def case_label(kind: str, size: int) -> str:
 # ---- the spawned group ------------------------------------------------------------------------
 
 
-def _replay(groups, cfg: FlashCommConfig, h: int, d: int, n_layers: int, t: int):
-    """A closure issuing exactly the collectives of one forward step of `cfg` at t tokens
-    (through the same comm functions and shapes as the model), with no compute."""
-    n, tp = groups.tp.size, groups.tp
-    t_pad = comm.padded_tokens(t, n)
-    c = t_pad // n
-    full = torch.zeros(t, h)  # [T, H] partial sums (zeros: repeated sums stay finite)
-    chunk = torch.zeros(c, h)  # [T_pad/N, H]
-    otp = cfg.flashcomm2_otp
-    if otp:
-        dn = d // n
-        payload = (torch.zeros(t_pad, dn + 4, dtype=torch.int8) if cfg.comm_dtype == "int8"
-                   else torch.zeros(t_pad, dn))  # [T_pad, D/N] (+4 scale bytes per row)
-        partial = torch.zeros(otp * c, h)  # [otp*c, H] before the otp reduce-scatter
-    fc1 = cfg.flashcomm1
-
-    def step() -> None:
-        for _ in range(n_layers):
-            if fc1:
-                comm.all_gather_tokens(chunk, t, tp)
-            if not otp:
-                comm.reduce_scatter_tokens(full, tp) if fc1 else comm.all_reduce(full, tp)
-            else:
-                comm.all_to_all(payload, groups.odp)
-                if otp > 1:
-                    comm.reduce_scatter_tokens(partial, groups.otp)
-                if not fc1:
-                    comm.all_gather_tokens(chunk, t, tp)
-            if fc1:
-                comm.all_gather_tokens(chunk, t, tp)
-                comm.reduce_scatter_tokens(full, tp)
-            else:
-                comm.all_reduce(full, tp)
-        if fc1:
-            comm.all_gather_tokens(chunk, t, tp)
-
-    return step
-
-
 def _memory(model, kv_bytes: int) -> dict[str, int]:
     """Per-rank bytes by category: o_proj (stored layers), ring, other weights, KV cache."""
     series = model.ctx.o_series
@@ -144,6 +104,7 @@ def _memory(model, kv_bytes: int) -> dict[str, int]:
 def e2e_rank(rank: int, world: int, model_dir: str, opts: dict) -> dict:
     """One rank of the benchmark group; rank 0 returns the timings, every rank its memory."""
     from flashcomm.bench.fit import fit_profile
+    from flashcomm.bench.replay import step_replay
     from flashcomm.engine import Engine
     from flashcomm.engine_cli import NEVER, auto_min_tokens
     from flashcomm.groups import ParallelGroups
@@ -249,8 +210,9 @@ def e2e_rank(rank: int, world: int, model_dir: str, opts: dict) -> dict:
     creps = 2 * max(case_reps)  # comm alone is cheap: more samples against scheduling noise
     comm_t = torch.zeros(len(pat_keys), len(grid), creps, dtype=torch.float64)
     for ci, (_, size) in enumerate(grid):
-        fns = [_replay(models[patterns[k]].ctx.groups, patterns[k], args.dim, args.q_dim,
-                       args.n_layers, size) for k in pat_keys]
+        fns = [step_replay(models[patterns[k]].ctx.groups, patterns[k].flashcomm2_otp,
+                           patterns[k].flashcomm1, patterns[k].comm_dtype, args.dim,
+                           args.q_dim, size, args.n_layers) for k in pat_keys]
         for f in fns:
             f()
         for rep in range(creps):

@@ -36,6 +36,13 @@ gloo's ring reduce-scatter/all-gather lose to its pairwise all_to_all and to bro
 on gloo (*) reduce-scatter is an all_to_all_single of the N chunks plus a local sum (same
 (N-1)/N bytes) and all-gather is N async broadcasts into the output's slices. NCCL keeps the
 native reduce_scatter_single / all_gather_single / all_to_all_single / all_reduce.
+Why FlashComm2 still lost on gloo at large T: every fresh multi-MiB CPU tensor was a new mmap
+that page-faults on first touch (a [8192, 2048] fp32 buffer: 41 ms to allocate and fill vs
+6.6 ms to copy into a warm one), and the composed collectives allocate their outputs while
+all_reduce works in place. flashcomm.launch now keeps freed memory in glibc's heap on CPU
+ranks; re-measured ([8192, 2048] fp32, median ms, N=2 / N=4): all_reduce 64 / 133 (incl. a
+9 / 15 ms clone), all_to_all RS 44 / 68, reduce_scatter_single 64 / 130, broadcast AG 28 / 59,
+all_gather_single 75 / 130: the choices above stand, by a wider margin.
 
 int8 (`comm_dtype="int8"`): each token row of the all-to-all payload x `[T, D/N]` is sent as
 int8 q = round(x / s) with s = absmax(row) / 127, plus s in fp32 (packed as 4 extra bytes of

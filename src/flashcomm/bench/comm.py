@@ -245,7 +245,7 @@ def summarize(records: list[dict]) -> None:
 
 
 def plot(records: list[dict], out: Path) -> None:
-    """time and bytes vs T, one column per (N, D)."""
+    """Communication-only time (collectives replayed alone) and bytes vs T, per (N, D)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -257,9 +257,10 @@ def plot(records: list[dict], out: Path) -> None:
         for name in dict.fromkeys(r["strategy"] for r in rows):
             sel = sorted((r for r in rows if r["strategy"] == name), key=lambda r: r["T"])
             ts = [r["T"] for r in sel]
-            axes[0][col].plot(ts, [r["median_s"] * 1e3 for r in sel], marker="o", label=name)
+            axes[0][col].plot(ts, [r["comm_median_s"] * 1e3 for r in sel], marker="o",
+                              label=name)
             axes[1][col].plot(ts, [r["bytes_total"] / 2**20 for r in sel], marker="o", label=name)
-        for ax, lab in zip(axes[:, col], ("median ms (path)", "MiB sent per rank"), strict=True):
+        for ax, lab in zip(axes[:, col], ("comm-only median ms", "MiB sent per rank"), strict=True):
             ax.set(xscale="log", yscale="log", xlabel="T tokens", ylabel=lab,
                    title=f"N={n} H={rows[0]['H']} D={d}")
             ax.grid(True, which="both", alpha=0.3)

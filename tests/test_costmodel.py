@@ -64,6 +64,8 @@ def test_fit_recovers_alpha_and_bandwidth() -> None:
     assert fit.bytes_per_s == pytest.approx(2e9, rel=1e-6)
     with pytest.raises(ValueError, match="two"):
         fit_op([(1.0, 1.0)])
+    flat = fit_op([(1e3, 2e-3), (1e6, 1e-3)])  # noise: bigger took less time
+    assert flat == OpCost(alpha_s=0.0, bytes_per_s=1e6 / 1e-3)
 
 
 def test_crossover_separates_losing_and_winning_token_counts() -> None:

@@ -205,3 +205,17 @@ def test_run_cli_text_prompts_single_process(tmp_path) -> None:
     assert ids[0] == list(b"Hello") and ids[1] == list("naïve café".encode())
     ref = engine.generate(ids, 5)
     assert d["tokens"] == ref.tokens and d["text"] == ref.text and len(d["ranks"]) == 1
+
+
+def test_run_cli_rejects_conflicting_auto_threshold(tmp_path) -> None:
+    from flashcomm.checkpoint import small_llama_config, write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "ck", small_llama_config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        head_dim=16))
+    out = subprocess.run(
+        [sys.executable, "-m", "flashcomm.cli", "run", "--model", str(ckpt), "--nproc", "2",
+         "--attn-out", "auto", "--flashcomm2-min-tokens", "5", "--token-ids", "1,2"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 2 and "--flashcomm2-min-tokens=5" in out.stderr, out.stderr

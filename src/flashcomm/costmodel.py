@@ -106,7 +106,8 @@ def fit_op(samples: list[tuple[float, float]], relative: bool = False) -> OpCost
     """Least-squares alpha-beta fit of (bytes_sent, seconds) samples, clamped to alpha >= 0.
 
     relative=True minimises relative errors (weights 1/seconds^2), so samples spanning orders
-    of magnitude fix alpha from the small ones and bandwidth from the large ones."""
+    of magnitude fix alpha from the small ones and bandwidth from the large ones. A fit whose
+    time does not grow with bytes (noise) falls back to the largest sample's bandwidth."""
     if len(samples) < 2:
         raise ValueError("fit_op: need at least two (bytes, seconds) samples")
     w = [1.0 / max(t, 1e-12) ** 2 if relative else 1.0 for _, t in samples]
@@ -115,7 +116,10 @@ def fit_op(samples: list[tuple[float, float]], relative: bool = False) -> OpCost
     my = sum(wi * t for wi, (_, t) in zip(w, samples, strict=True)) / sw
     sxx = sum(wi * (b - mx) ** 2 for wi, (b, _) in zip(w, samples, strict=True))
     sxy = sum(wi * (b - mx) * (t - my) for wi, (b, t) in zip(w, samples, strict=True))
-    slope = max(sxy / sxx if sxx else 0.0, 1e-15)
+    slope = sxy / sxx if sxx else 0.0
+    if slope <= 0:  # noise swamped the size dependence: all time is transfer at the largest size
+        b_max, t_max = max(samples)
+        return OpCost(alpha_s=0.0, bytes_per_s=b_max / max(t_max, 1e-12))
     alpha = max(my - slope * mx, 0.0)
     return OpCost(alpha_s=alpha, bytes_per_s=1.0 / slope)
 

@@ -229,14 +229,18 @@ def main(args: argparse.Namespace) -> int:
     except CheckpointError as e:
         print(f"flashcomm run: {e}", file=sys.stderr)
         return 2
+    min_tokens = parse_int("flashcomm2_min_tokens", args.flashcomm2_min_tokens)
     auto_profile = None
     if args.attn_out == "auto":
+        if min_tokens:
+            raise ConfigError(f"--flashcomm2-min-tokens={min_tokens} with --attn-out auto: auto "
+                              "chooses the threshold itself; pass one or the other")
         auto_profile = args.profile
         if auto_profile != "fit":
             load_profile(auto_profile)  # a bad --profile fails here, before any rank starts
     spec = RunSpec(args.model, cfg, prompts, parse_int("max_new_tokens", args.max_new_tokens),
                    args.temperature, args.seed, args.dtype, args.stop_at_eos,
-                   parse_int("flashcomm2_min_tokens", args.flashcomm2_min_tokens), auto_profile)
+                   min_tokens, auto_profile)
     if torchrun:
         from flashcomm.launch import init_distributed
 

@@ -12,6 +12,7 @@ import math
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,12 +159,16 @@ def test_run_cli_json(hf_checkpoints, references) -> None:
         assert r["blocked_wait_ms"] >= 0
 
 
-def test_demo_prints_identical_rows(tmp_path) -> None:
+def _tiny_checkpoint(tmp_path) -> Path:
     from flashcomm.checkpoint import small_llama_config, write_checkpoint
 
-    ckpt = write_checkpoint(tmp_path / "ck", small_llama_config(
+    return write_checkpoint(tmp_path / "ck", small_llama_config(
         hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
         head_dim=16))
+
+
+def test_demo_prints_identical_rows(tmp_path) -> None:
+    ckpt = _tiny_checkpoint(tmp_path)
     out = subprocess.run(
         [sys.executable, "-m", "flashcomm.cli", "demo", "--model", str(ckpt), "--nproc", "4",
          "--max-new-tokens", "4"],
@@ -208,11 +213,7 @@ def test_run_cli_text_prompts_single_process(tmp_path) -> None:
 
 
 def test_run_cli_rejects_conflicting_auto_threshold(tmp_path) -> None:
-    from flashcomm.checkpoint import small_llama_config, write_checkpoint
-
-    ckpt = write_checkpoint(tmp_path / "ck", small_llama_config(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-        head_dim=16))
+    ckpt = _tiny_checkpoint(tmp_path)
     out = subprocess.run(
         [sys.executable, "-m", "flashcomm.cli", "run", "--model", str(ckpt), "--nproc", "2",
          "--attn-out", "auto", "--flashcomm2-min-tokens", "5", "--token-ids", "1,2"],

@@ -105,19 +105,41 @@ def expected_o_proj_bytes(cfg: FlashCommConfig, args: ModelArgs, rank: int) -> i
     return (owned + cfg.prefetch_step + 1) * w
 
 
+def predicted_comm_bytes(cfg: FlashCommConfig, args: ModelArgs, min_tokens: int) -> int:
+    """What the cost model says generate() sends per rank: every step's layer_traffic, plus
+    FlashComm1's final all-gather before the LM head."""
+    from flashcomm.costmodel import Shape, layer_traffic
+    from flashcomm.costmodel import Strategy as CostStrategy
+
+    n = cfg.tp
+    shape = Shape(hidden=args.dim, q_dim=args.q_dim, tp=n, elt_bytes=4)
+    total = 0.0
+    for t in [sum(map(len, PROMPTS))] + [len(PROMPTS)] * (NEW_TOKENS - 1):
+        fc2 = cfg.flashcomm2 and t >= min_tokens
+        s = CostStrategy("flashcomm2" if fc2 else "allreduce", cfg.flashcomm2_otp,
+                         cfg.flashcomm1, cfg.comm_dtype)
+        total += args.n_layers * sum(b for _, _, b in layer_traffic(s, shape, t))
+        if cfg.flashcomm1:
+            total += (n - 1) * -(-t // n) * args.dim * 4
+    return round(total)
+
+
 @pytest.mark.parametrize("n", [2, 4])
 def test_every_strategy_matches_the_single_process_model(hf_checkpoints, references, n) -> None:
     from flashcomm.launch import run_local
 
     ckpts = {ck: str(hf_checkpoints[ck]) for ck in CKPTS}
     per_rank = run_local(_strategies_worker, n, ckpts, timeout_s=400, group_timeout_s=120)
-    for name, (cfg, _) in strategies(n).items():
+    for name, (cfg, min_tokens) in strategies(n).items():
         for ck in CKPTS:
             ref_logits, ref_tokens = references[ck]
             args = ModelArgs.from_dir(hf_checkpoints[ck])
             for rank, out in enumerate(per_rank):
                 got = out[name, ck]
                 where = f"{name} {ck} rank {rank}"
+                # the cost model's bytes are the bytes the engine really counted
+                assert sum(got["comm"].values()) == predicted_comm_bytes(cfg, args, min_tokens), (
+                    where, got["comm"])
                 if cfg.comm_dtype == "int8":  # per-row int8 payload: about 1% error
                     err = (got["logits"] - ref_logits).abs().max() / ref_logits.abs().max()
                     assert 0 < err < 0.05, (where, err)

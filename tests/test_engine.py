@@ -181,6 +181,29 @@ def test_run_cli_json(hf_checkpoints, references) -> None:
         assert r["blocked_wait_ms"] >= 0
 
 
+def test_run_cli_attn_out_auto(hf_checkpoints, references) -> None:
+    from flashcomm.costmodel import HardwareProfile
+    from flashcomm.engine_cli import auto_min_tokens
+
+    path = hf_checkpoints["qwen2"]
+    ids = [",".join(map(str, p)) for p in PROMPTS]
+    out = subprocess.run(
+        [sys.executable, "-m", "flashcomm.cli", "run", "--model", str(path), "--nproc", "2",
+         "--attn-out", "auto", "--profile", "pcie-gen4", "--token-ids", *ids,
+         "--max-new-tokens", str(NEW_TOKENS), "--json"],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    assert d["tokens"] == references["qwen2"][1]
+    cfg = FlashCommConfig(tp=2, flashcomm2_otp=1)
+    args = ModelArgs.from_dir(path)
+    want = auto_min_tokens(args, cfg, HardwareProfile.load("pcie-gen4"), 4)
+    assert d["auto"]["flashcomm2_min_tokens"] == want
+    for rank, r in enumerate(d["ranks"]):  # both paths share FlashComm2's one resident W_o
+        assert r["o_proj_bytes"] == expected_o_proj_bytes(cfg, args, rank)
+
+
 def _tiny_checkpoint(tmp_path) -> Path:
     from flashcomm.checkpoint import small_llama_config, write_checkpoint
 

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROMPTS
+from conftest import PROMPTS, prefill_logits
 
 from flashcomm.config import FlashCommConfig
 from flashcomm.engine import Engine
 from flashcomm.layout import ParallelLayout
-from flashcomm.model import KVCache, ModelArgs, Step
+from flashcomm.model import ModelArgs
 
 CKPTS = ("llama", "qwen2", "qwen3")
 NEW_TOKENS = 32
@@ -51,17 +51,6 @@ def strategies(n: int) -> dict[str, tuple[FlashCommConfig, int]]:
         rows["dp2 allreduce+oshard"] = (dp2, 0)
         rows["dp2 fc2+oshard k0"] = (replace(dp2, flashcomm2_otp=1, prefetch_step=0), 0)
     return rows
-
-
-def prefill_logits(engine: Engine, prompts: list[list[int]]) -> torch.Tensor:
-    """[T, V] logits of every prompt token in one varlen step."""
-    m = engine.model
-    step = Step.build([0] * len(prompts), [len(p) for p in prompts], torch.device("cpu"),
-                      last_only=False)
-    cache = KVCache.allocate(m.args.n_layers, len(prompts), 16, m.plan.n_kv, m.args.head_dim,
-                             torch.float32, torch.device("cpu"))
-    with torch.no_grad():
-        return m(torch.tensor([t for p in prompts for t in p]), step, cache)
 
 
 def _strategies_worker(rank: int, world: int, ckpts: dict[str, str]) -> dict:

@@ -4,21 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HF_MODELS, PROMPTS
+from conftest import HF_MODELS, PROMPTS, prefill_logits
 
 from flashcomm.config import FlashCommConfig
 from flashcomm.engine import Engine
-from flashcomm.model import CheckpointError, KVCache, ModelArgs, Step, TPPlan, rope_inv_freq
-
-
-def _prefill_logits(engine: Engine, prompts: list[list[int]]) -> torch.Tensor:
-    m = engine.model
-    step = Step.build([0] * len(prompts), [len(p) for p in prompts], torch.device("cpu"),
-                      last_only=False)
-    cache = KVCache.allocate(m.args.n_layers, len(prompts), 32, m.plan.n_kv, m.args.head_dim,
-                             torch.float32, torch.device("cpu"))
-    with torch.no_grad():
-        return m(torch.tensor([t for p in prompts for t in p]), step, cache)
+from flashcomm.model import CheckpointError, ModelArgs, Step, TPPlan, rope_inv_freq
 
 
 @pytest.mark.parametrize("name", list(HF_MODELS))
@@ -28,7 +18,7 @@ def test_logits_and_greedy_tokens_match_transformers(hf_checkpoints, name: str) 
     path = hf_checkpoints[name]
     hf = AutoModelForCausalLM.from_pretrained(path).eval()
     engine = Engine.from_checkpoint(path, FlashCommConfig(), progress=False)
-    ours = _prefill_logits(engine, PROMPTS)  # one varlen batch of three prompts
+    ours = prefill_logits(engine, PROMPTS)  # one varlen batch of three prompts
     out = engine.generate(PROMPTS, 32)
     off = 0
     for prompt, tokens in zip(PROMPTS, out.tokens, strict=True):

@@ -23,34 +23,24 @@ def _layer_facts(worker) -> dict:
 
 def run_one(model: str, env: dict[str, str], prompts: list[str], max_tokens: int) -> dict:
     """One LLM instance with `env` set; returns tokens, per-worker facts and timings."""
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    from flashcomm.vllm import llm_with_env
+
     t0 = time.perf_counter()
-    llm = None
     try:
-        llm = LLM(model=model, tensor_parallel_size=2, dtype="float32", enforce_eager=True,
-                  kv_cache_memory_bytes=64 << 20, max_model_len=128, max_num_seqs=8,
-                  seed=0, distributed_executor_backend="mp")
-        t1 = time.perf_counter()
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        t2 = time.perf_counter()
-        facts = llm.collective_rpc(_layer_facts)
+        with llm_with_env(env, model=model, tensor_parallel_size=2, dtype="float32",
+                          enforce_eager=True, kv_cache_memory_bytes=64 << 20, max_model_len=128,
+                          max_num_seqs=8, seed=0, distributed_executor_backend="mp") as llm:
+            t1 = time.perf_counter()
+            params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            t2 = time.perf_counter()
+            facts = llm.collective_rpc(_layer_facts)
         return {"tokens": [list(o.outputs[0].token_ids) for o in outs], "workers": facts,
                 "startup_s": t1 - t0, "generate_s": t2 - t1}
     except Exception as e:  # reported to the test, which asserts on it
         return {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-    finally:
-        if llm is not None:
-            llm.llm_engine.engine_core.shutdown()
-            del llm
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def main() -> None:

@@ -74,17 +74,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _measure(model: str, env: dict[str, str], prompts: list[str], tp: int,
              rounds: int) -> dict[str, Any]:
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    llm = None
-    try:
-        max_len = len(prompts[0].split()) + 16
-        llm = LLM(model=model, tensor_parallel_size=tp, dtype="float32", enforce_eager=True,
-                  kv_cache_memory_bytes=512 << 20, max_model_len=max_len,
-                  max_num_batched_tokens=max_len * len(prompts), max_num_seqs=len(prompts),
-                  seed=0, distributed_executor_backend="mp", enable_prefix_caching=False)
+    from flashcomm.vllm import llm_with_env
+
+    max_len = len(prompts[0].split()) + 16
+    with llm_with_env(env, model=model, tensor_parallel_size=tp, dtype="float32",
+                      enforce_eager=True, kv_cache_memory_bytes=512 << 20, max_model_len=max_len,
+                      max_num_batched_tokens=max_len * len(prompts), max_num_seqs=len(prompts),
+                      seed=0, distributed_executor_backend="mp",
+                      enable_prefix_caching=False) as llm:
         params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
         first = llm.generate(prompts, params, use_tqdm=False)  # warm-up
         times = []
@@ -92,17 +91,8 @@ def _measure(model: str, env: dict[str, str], prompts: list[str], tp: int,
             t0 = time.perf_counter()
             llm.generate(prompts, params, use_tqdm=False)
             times.append(time.perf_counter() - t0)
-        return {"prefill_s": times, "median_s": statistics.median(times),
-                "first_tokens": [o.outputs[0].token_ids[0] for o in first]}
-    finally:
-        if llm is not None:
-            llm.llm_engine.engine_core.shutdown()
-            del llm
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return {"prefill_s": times, "median_s": statistics.median(times),
+            "first_tokens": [o.outputs[0].token_ids[0] for o in first]}
 
 
 def main(args: argparse.Namespace) -> int:

@@ -15,6 +15,9 @@ vLLM must run eagerly (enforce_eager=True). `worker_report` reads the facts back
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from typing import Any
 
 from flashcomm.vllm.context import env_requests_flashcomm
@@ -57,3 +60,26 @@ def worker_report(worker: Any) -> dict[str, Any]:
     if isinstance(ctx, VllmFlashComm):
         report.update(ctx.report())
     return report
+
+
+@contextlib.contextmanager
+def llm_with_env(env: dict[str, str], **llm_kwargs: Any) -> Iterator[Any]:
+    """A vLLM `LLM(**llm_kwargs)` built with `env` set (the plugin reads it in every worker);
+    the engine is shut down and the environment restored on exit."""
+    from vllm import LLM
+
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    llm = None
+    try:
+        llm = LLM(**llm_kwargs)
+        yield llm
+    finally:
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

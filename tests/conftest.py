@@ -46,7 +46,7 @@ def hf_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def prefill_logits(engine, prompts: list[list[int]]) -> torch.Tensor:
     """[T, V] logits of every prompt token of `engine`'s model in one varlen step."""
-    from flashcomm.model import KVCache, Step
+    from flashcomm.models.transformer import KVCache, Step
 
     m = engine.model
     step = Step.build([0] * len(prompts), [len(p) for p in prompts], torch.device("cpu"),

@@ -60,7 +60,7 @@ def test_non_integer_values_name_the_knob() -> None:
 
 
 def test_comm_dtype() -> None:
-    _bad(r"comm_dtype='fp8': allowed values are \('auto', 'int8'\)", comm_dtype="fp8")
+    _bad(r"comm_dtype='fp8': allowed values are \['auto', 'int8'\]", comm_dtype="fp8")
     _bad(r"comm_dtype='int8'.*flashcomm2_otp", tp=2, comm_dtype="int8")
 
 
@@ -104,3 +104,38 @@ def test_cli_flags_override_json_and_env() -> None:
     )
     cfg = FlashCommConfig.from_cli(args, env={"FLASHCOMM_PREFETCH_STEP": "3"})
     assert (cfg.tp, cfg.flashcomm2_otp, cfg.prefetch_step) == (4, 2, 0)
+
+
+def test_min_tokens_knob() -> None:
+    cfg = FlashCommConfig.from_env({"FLASHCOMM2_MIN_TOKENS": "auto"})
+    assert cfg.flashcomm2_min_tokens == "auto"
+    assert FlashCommConfig.from_env({"FLASHCOMM2_MIN_TOKENS": "64"}).flashcomm2_min_tokens == 64
+    with pytest.raises(ConfigError, match=r"FLASHCOMM2_MIN_TOKENS.*flashcomm2_min_tokens=-1: must"):
+        FlashCommConfig.from_env({"FLASHCOMM2_MIN_TOKENS": "-1"})
+    _bad(r"flashcomm2_min_tokens=8: .*needs flashcomm2_otp >= 1", tp=2, flashcomm2_min_tokens=8)
+    cfg = FlashCommConfig(tp=2, flashcomm2_otp=1, flashcomm2_min_tokens="auto").validate(2)
+    assert cfg.attn_out == "auto"
+
+
+def test_shard_source_knob() -> None:
+    cfg = FlashCommConfig.from_env({"FLASHCOMM_SHARD_SOURCE": "gather"})
+    assert cfg.shard_source == "gather"
+    with pytest.raises(ConfigError, match=r"FLASHCOMM_SHARD_SOURCE.*allowed values are"):
+        FlashCommConfig.from_env({"FLASHCOMM_SHARD_SOURCE": "peer"})
+    _bad(r"shard_source='gather'.*layer_sharding=o_proj", tp=2, flashcomm2_otp=1,
+         shard_source="gather")
+    _bad(r"shard_source='gather'.*flashcomm2_otp >= 1", tp=2, dp=2, layer_sharding=("o_proj",),
+         shard_source="gather")
+
+
+def test_every_knob_has_one_flag_env_and_json_key() -> None:
+    knobs = FlashCommConfig.knobs()
+    assert set(FlashCommConfig().to_dict()) == set(knobs)
+    envs = [k.env for k in knobs.values() if k.env]
+    assert len(envs) == len(set(envs)) and set(envs) == set(FlashCommConfig.env_names())
+    parser = argparse.ArgumentParser()
+    FlashCommConfig.add_cli_arguments(parser)
+    args = parser.parse_args(["--otp", "1", "--tp", "2", "--shard-source", "gather",
+                              "--layer-sharding", "o_proj", "--flashcomm2-min-tokens", "auto"])
+    cfg = FlashCommConfig.from_cli(args, env={}).validate(2)
+    assert (cfg.shard_source, cfg.flashcomm2_min_tokens) == ("gather", "auto")

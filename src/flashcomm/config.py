@@ -1,5 +1,9 @@
 """The knobs of flashcomm, their parsing (CLI, environment, JSON) and their validation.
 
+Each knob is one dataclass field of `FlashCommConfig`; its metadata (`Knob`) names its CLI flag
+and environment variable and how a string becomes a value, so flags, environment, JSON keys and
+error messages are all derived from that one definition.
+
 Everything here is pure Python: a configuration is checked before any process group or
 collective exists, so a bad value fails on every rank with the same message instead of hanging.
 """
@@ -9,235 +13,86 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from enum import StrEnum
+from typing import Any, Literal
 
 # Weights that can be layer-sharded: the replicated projections of FlashComm2-style layouts.
 # o_proj is FlashComm2's replicated output projection; q_b_proj / kv_b_proj are MLA's (DeepSeek)
 # replicated up-projections, kept for library users with such models.
 SHARDABLE_WEIGHTS = ("o_proj", "q_b_proj", "kv_b_proj")
-COMM_DTYPES = ("auto", "int8")
-
-ENV_OTP = "FLASHCOMM2_PARALLEL_SIZE"
-ENV_LAYER_SHARDING = "FLASHCOMM_LAYER_SHARDING"
-ENV_PREFETCH_STEP = "FLASHCOMM_PREFETCH_STEP"
-ENV_FLASHCOMM1 = "FLASHCOMM1"
-ENV_COMM_DTYPE = "FLASHCOMM_COMM_DTYPE"
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
-class ConfigError(ValueError):
+class FlashCommError(Exception):
+    """Base of every error flashcomm reports to a user: the message names the knob or file."""
+
+
+class ConfigError(FlashCommError, ValueError):
     """A configuration value is not allowed; the message names the knob, the value and the rule."""
 
 
+class AttnOut(StrEnum):
+    """How attention's output reaches the residual stream."""
+
+    ALLREDUCE = "allreduce"
+    """Row-parallel o_proj, then an all-reduce (or reduce-scatter under FlashComm1)."""
+    FLASHCOMM2 = "flashcomm2"
+    """All-to-all of the attention output, then the replicated (or otp-sliced) W_o."""
+    AUTO = "auto"
+    """FlashComm2 from the cost model's crossover token count, all-reduce below it."""
+
+
+class CommDtype(StrEnum):
+    """Payload dtype of the FlashComm2 all-to-all."""
+
+    AUTO = "auto"
+    """The activation dtype."""
+    INT8 = "int8"
+    """Row-wise absmax int8 plus one fp32 scale per token row."""
+
+
+class ShardSource(StrEnum):
+    """Where a layer-sharded FlashComm2 W_o comes from at a FlashComm2 step."""
+
+    OWNER = "owner"
+    """Layer i lives on shard-group member i mod G and is broadcast from it (original O-Shard)."""
+    GATHER = "gather"
+    """Every rank keeps its row-parallel D/N slice; FlashComm2 steps all-gather the W_o."""
+
+
+AUTO = "auto"
+"""flashcomm2_min_tokens=auto: the threshold comes from the cost model at start-up."""
+MinTokens = int | Literal["auto"]
+
+
 @dataclass(frozen=True)
-class FlashCommConfig:
-    """Parallel sizes and FlashComm knobs, validated by `validate` before anything runs."""
+class Knob:
+    """How one FlashCommConfig field is spelled outside Python."""
 
-    tp: int = 1
-    """Tensor-parallel size N."""
-    pp: int = 1
-    """Pipeline-parallel size (number of stages)."""
-    dp: int = 1
-    """Data-parallel size (number of model replicas)."""
-    flashcomm1: bool = False
-    """Sequence-parallel layout around the norms (reduce-scatter / all-gather over tokens)."""
-    flashcomm2_otp: int = 0
-    """FlashComm2 o_proj tensor-parallel size; 0 turns FlashComm2 off, 1 replicates W_o fully."""
-    layer_sharding: tuple[str, ...] = ()
-    """Weight names stored on one rank of their shard group and fetched just in time."""
-    prefetch_step: int = 1
-    """k: how many layers ahead the layer-sharding ring prefetches (0 <= k <= L-2)."""
-    comm_dtype: str = "auto"
-    """Payload dtype of the FlashComm2 all-to-all: `auto` (the activation dtype) or `int8`."""
-
-    @property
-    def flashcomm2(self) -> bool:
-        """Whether FlashComm2 replaces the o_proj all-reduce."""
-        return self.flashcomm2_otp > 0
-
-    @property
-    def odp(self) -> int:
-        """Size of FlashComm2's all-to-all group (tp / otp), or 0 when FlashComm2 is off."""
-        return self.tp // self.flashcomm2_otp if self.flashcomm2 else 0
-
-    @property
-    def world(self) -> int:
-        """The world size these sizes describe."""
-        return self.tp * self.pp * self.dp
-
-    def validate(self, world: int | None = None) -> FlashCommConfig:
-        """Raise ConfigError for the first bad knob; return self so calls can chain."""
-        for name in ("tp", "pp", "dp", "flashcomm2_otp", "prefetch_step"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"{name}={value!r}: expected an integer")
-        for name in ("tp", "pp", "dp"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
-        if world is not None and world != self.world:
-            raise ConfigError(
-                f"world={world}: must equal tp*pp*dp = {self.tp}*{self.pp}*{self.dp} = {self.world}"
-            )
-        otp = self.flashcomm2_otp
-        if otp < 0:
-            raise ConfigError(f"flashcomm2_otp={otp}: must be 0 (off) or a divisor of tp below tp")
-        if otp > 0:
-            if otp >= self.tp:
-                raise ConfigError(
-                    f"flashcomm2_otp={otp}: must be smaller than tp={self.tp} "
-                    f"(allowed: {_divisors_below(self.tp) or 'none, tp must be >= 2'})"
-                )
-            if self.tp % otp:
-                raise ConfigError(
-                    f"flashcomm2_otp={otp}: must divide tp={self.tp} "
-                    f"(allowed: {_divisors_below(self.tp)})"
-                )
-        if not isinstance(self.flashcomm1, bool):
-            raise ConfigError(f"flashcomm1={self.flashcomm1!r}: expected true or false")
-        if self.comm_dtype not in COMM_DTYPES:
-            raise ConfigError(f"comm_dtype={self.comm_dtype!r}: allowed values are {COMM_DTYPES}")
-        if self.comm_dtype == "int8" and otp == 0:
-            raise ConfigError(
-                "comm_dtype='int8': quantizes the FlashComm2 all-to-all, so it needs "
-                "flashcomm2_otp >= 1 (FLASHCOMM2_PARALLEL_SIZE / --otp)"
-            )
-        if self.prefetch_step < 0:
-            raise ConfigError(
-                f"prefetch_step={self.prefetch_step}: must be >= 0 (and <= L-2 for L layers)"
-            )
-        seen = set()
-        for name in self.layer_sharding:
-            if name not in SHARDABLE_WEIGHTS:
-                raise ConfigError(
-                    f"layer_sharding: unknown weight name {name!r}; allowed: {SHARDABLE_WEIGHTS}"
-                )
-            if name in seen:
-                raise ConfigError(f"layer_sharding: weight name {name!r} is listed twice")
-            seen.add(name)
-        if "o_proj" in self.layer_sharding and otp == 0 and self.dp == 1:
-            raise ConfigError(
-                "layer_sharding=['o_proj'] with flashcomm2_otp=0 and dp=1: o_proj is row-parallel, "
-                "so no rank holds a copy of another's slice and there is nothing to shard. "
-                "Turn on FlashComm2 (flashcomm2_otp >= 1, FLASHCOMM2_PARALLEL_SIZE / --otp) "
-                "or use dp > 1"
-            )
-        for name in ("q_b_proj", "kv_b_proj"):
-            if name in self.layer_sharding and self.tp * self.dp == 1:
-                raise ConfigError(
-                    f"layer_sharding=[{name!r}] with tp=1 and dp=1: a single rank has no copy to "
-                    "share; use tp > 1 or dp > 1"
-                )
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-friendly dict of every knob."""
-        d = asdict(self)
-        d["layer_sharding"] = list(self.layer_sharding)
-        return d
-
-    # ---- construction ----------------------------------------------------------------------
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], base: FlashCommConfig | None = None):
-        """Build from a dict of knob names (unknown keys are an error), on top of `base`."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown knob(s) {unknown}; allowed: {sorted(known)}")
-        parsed: dict[str, Any] = {}
-        for key, value in values.items():
-            if key in ("tp", "pp", "dp", "flashcomm2_otp", "prefetch_step"):
-                parsed[key] = parse_int(key, value)
-            elif key == "flashcomm1":
-                parsed[key] = _parse_bool(key, value)
-            elif key == "layer_sharding":
-                parsed[key] = _parse_names(key, value)
-            else:
-                parsed[key] = value
-        return replace(base or cls(), **parsed)
-
-    @classmethod
-    def from_json(cls, text: str, base: FlashCommConfig | None = None) -> FlashCommConfig:
-        """Build from a JSON object string such as '{"tp": 4, "flashcomm2_otp": 1}'."""
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config JSON: not valid JSON ({e})") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"config JSON: expected an object, got {type(values).__name__}")
-        return cls.from_mapping(values, base)
-
-    @classmethod
-    def from_env(
-        cls, env: Mapping[str, str] | None = None, base: FlashCommConfig | None = None
-    ) -> FlashCommConfig:
-        """Build from FLASHCOMM2_PARALLEL_SIZE, FLASHCOMM_LAYER_SHARDING, FLASHCOMM_PREFETCH_STEP,
-        FLASHCOMM1 and FLASHCOMM_COMM_DTYPE, on top of `base`."""
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        pairs = (
-            (ENV_OTP, "flashcomm2_otp"),
-            (ENV_LAYER_SHARDING, "layer_sharding"),
-            (ENV_PREFETCH_STEP, "prefetch_step"),
-            (ENV_FLASHCOMM1, "flashcomm1"),
-            (ENV_COMM_DTYPE, "comm_dtype"),
-        )
-        for var, knob in pairs:
-            if var in env:
-                try:
-                    values[knob] = getattr(cls.from_mapping({knob: env[var]}), knob)
-                except ConfigError as e:
-                    raise ConfigError(f"{var} (knob {e})") from None
-        return replace(base or cls(), **values)
-
-    @staticmethod
-    def add_cli_arguments(parser: argparse.ArgumentParser, parallel_sizes: bool = True) -> None:
-        """Add the knobs as CLI flags; values stay strings so validation owns every message."""
-        if parallel_sizes:
-            parser.add_argument("--tp", help="tensor-parallel size")
-            parser.add_argument("--pp", help="pipeline-parallel size")
-            parser.add_argument("--dp", help="data-parallel size")
-        parser.add_argument(
-            "--otp",
-            help="FlashComm2 o_proj parallel size (0 = off, 1 = full replication)",
-        )
-        parser.add_argument(
-            "--flashcomm1", action="store_true", default=None, help="sequence-parallel norms"
-        )
-        parser.add_argument(
-            "--layer-sharding", help=f"comma-separated weight names from {SHARDABLE_WEIGHTS}"
-        )
-        parser.add_argument("--prefetch-step", help="layer-sharding prefetch distance k")
-        parser.add_argument("--comm-dtype", help=f"all-to-all payload dtype, one of {COMM_DTYPES}")
-        parser.add_argument("--config-json", help="all knobs as one JSON object")
-
-    @classmethod
-    def from_cli(
-        cls, args: argparse.Namespace, env: Mapping[str, str] | None = None
-    ) -> FlashCommConfig:
-        """Environment first, then --config-json, then explicit flags win."""
-        cfg = cls.from_env(env)
-        if getattr(args, "config_json", None):
-            cfg = cls.from_json(args.config_json, cfg)
-        flags = {
-            "tp": getattr(args, "tp", None),
-            "pp": getattr(args, "pp", None),
-            "dp": getattr(args, "dp", None),
-            "flashcomm2_otp": args.otp,
-            "flashcomm1": args.flashcomm1,
-            "layer_sharding": args.layer_sharding,
-            "prefetch_step": args.prefetch_step,
-            "comm_dtype": args.comm_dtype,
-        }
-        return cls.from_mapping({k: v for k, v in flags.items() if v is not None}, cfg)
+    flag: str | None
+    """CLI flag (None: not a flag)."""
+    env: str | None
+    """Environment variable (None: not read from the environment)."""
+    help: str
+    """One line for --help."""
+    parse: Callable[[str, Any], Any]
+    """(knob name, raw value) -> typed value; raises ConfigError naming the knob."""
+    parallel_size: bool = False
+    """tp/pp/dp: commands that derive them from --nproc leave the flag out."""
 
 
-def _divisors_below(n: int) -> list[int]:
-    return [d for d in range(1, n) if n % d == 0]
+def knob(default: Any, *, flag: str | None = None, env: str | None = None, help: str,
+         parse: Callable[[str, Any], Any], parallel_size: bool = False) -> Any:
+    """A dataclass field carrying its Knob metadata."""
+    return field(default=default,
+                 metadata={"knob": Knob(flag, env, help, parse, parallel_size)})
+
+
+# ---- parsers: (knob, raw) -> value ------------------------------------------------------------
 
 
 def parse_int(knob: str, value: Any) -> int:
@@ -254,7 +109,8 @@ def parse_int(knob: str, value: Any) -> int:
     raise ConfigError(f"{knob}={value!r}: expected an integer")
 
 
-def _parse_bool(knob: str, value: Any) -> bool:
+def parse_bool(knob: str, value: Any) -> bool:
+    """A bool from a bool, 0/1 or a word such as on/off; ConfigError naming `knob` otherwise."""
     if isinstance(value, bool):
         return value
     if isinstance(value, int) and value in (0, 1):
@@ -277,3 +133,275 @@ def _parse_names(knob: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, list | tuple) and all(isinstance(n, str) for n in value):
         return tuple(value)
     raise ConfigError(f"{knob}={value!r}: expected a list of weight names from {SHARDABLE_WEIGHTS}")
+
+
+def _enum(cls: type[StrEnum]) -> Callable[[str, Any], StrEnum]:
+    def parse(knob: str, value: Any) -> StrEnum:
+        try:
+            return cls(value.strip().lower() if isinstance(value, str) else value)
+        except ValueError:
+            allowed = [m.value for m in cls]
+            raise ConfigError(f"{knob}={value!r}: allowed values are {allowed}") from None
+    return parse
+
+
+def parse_min_tokens(knob: str, value: Any) -> MinTokens:
+    """An int >= 0 or 'auto'."""
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    n = parse_int(knob, value)
+    if n < 0:
+        raise ConfigError(f"{knob}={n}: must be >= 0 (0 = every step takes FlashComm2) or 'auto'")
+    return n
+
+
+def _parse_str(knob: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{knob}={value!r}: expected a non-empty string")
+    return value.strip()
+
+
+# ---- the knobs ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FlashCommConfig:
+    """Parallel sizes and FlashComm knobs, validated by `validate` before anything runs."""
+
+    tp: int = knob(1, flag="--tp", help="tensor-parallel size N", parse=parse_int,
+                   parallel_size=True)
+    """Tensor-parallel size N."""
+    pp: int = knob(1, flag="--pp", help="pipeline-parallel size (stages)", parse=parse_int,
+                   parallel_size=True)
+    """Pipeline-parallel size (number of stages)."""
+    dp: int = knob(1, flag="--dp", help="data-parallel size (replicas)", parse=parse_int,
+                   parallel_size=True)
+    """Data-parallel size (number of model replicas)."""
+    flashcomm1: bool = knob(False, flag="--flashcomm1", env="FLASHCOMM1",
+                            help="sequence-parallel norms (reduce-scatter / all-gather)",
+                            parse=parse_bool)
+    """Sequence-parallel layout around the norms (reduce-scatter / all-gather over tokens)."""
+    flashcomm2_otp: int = knob(0, flag="--otp", env="FLASHCOMM2_PARALLEL_SIZE",
+                               help="FlashComm2 o_proj parallel size (0 = off, 1 = full W_o)",
+                               parse=parse_int)
+    """FlashComm2 o_proj tensor-parallel size; 0 turns FlashComm2 off, 1 replicates W_o fully."""
+    flashcomm2_min_tokens: MinTokens = knob(
+        0, flag="--flashcomm2-min-tokens", env="FLASHCOMM2_MIN_TOKENS",
+        help="steps with fewer tokens take the row-parallel o_proj; 'auto' = from the cost model",
+        parse=parse_min_tokens)
+    """Per-step threshold: FlashComm2 at T >= this, row-parallel + all-reduce below; 'auto'
+    resolves it from the cost model and a hardware profile at start-up."""
+    layer_sharding: tuple[str, ...] = knob(
+        (), flag="--layer-sharding", env="FLASHCOMM_LAYER_SHARDING",
+        help=f"comma-separated weight names from {SHARDABLE_WEIGHTS}", parse=_parse_names)
+    """Weight names stored on one rank of their shard group and fetched just in time."""
+    shard_source: ShardSource = knob(
+        ShardSource.OWNER, flag="--shard-source", env="FLASHCOMM_SHARD_SOURCE",
+        help="layer-sharded W_o source: owner (broadcast) or gather (resident TP slices)",
+        parse=_enum(ShardSource))
+    """Where a layer-sharded FlashComm2 W_o comes from (see ShardSource)."""
+    prefetch_step: int = knob(1, flag="--prefetch-step", env="FLASHCOMM_PREFETCH_STEP",
+                              help="layer-sharding prefetch distance k (0 <= k <= L-2)",
+                              parse=parse_int)
+    """k: how many layers ahead the layer-sharding ring prefetches (0 <= k <= L-2)."""
+    comm_dtype: CommDtype = knob(CommDtype.AUTO, flag="--comm-dtype", env="FLASHCOMM_COMM_DTYPE",
+                                 help="FlashComm2 all-to-all payload: auto or int8",
+                                 parse=_enum(CommDtype))
+    """Payload dtype of the FlashComm2 all-to-all."""
+    profile: str = knob("fit", flag="--profile", env="FLASHCOMM_PROFILE",
+                        help="hardware profile for flashcomm2_min_tokens=auto: 'fit' (measure at "
+                        "start-up), a shipped name (h100-nvlink, pcie-gen4) or a JSON file",
+                        parse=_parse_str)
+    """Collective costs that resolve flashcomm2_min_tokens='auto'."""
+
+    @property
+    def flashcomm2(self) -> bool:
+        """Whether FlashComm2 replaces the o_proj all-reduce (at least on large steps)."""
+        return self.flashcomm2_otp > 0
+
+    @property
+    def odp(self) -> int:
+        """Size of FlashComm2's all-to-all group (tp / otp), or 0 when FlashComm2 is off."""
+        return self.tp // self.flashcomm2_otp if self.flashcomm2 else 0
+
+    @property
+    def world(self) -> int:
+        """The world size these sizes describe."""
+        return self.tp * self.pp * self.dp
+
+    @property
+    def attn_out(self) -> AttnOut:
+        """The attention-output strategy these knobs select."""
+        if not self.flashcomm2:
+            return AttnOut.ALLREDUCE
+        return AttnOut.AUTO if self.flashcomm2_min_tokens == AUTO else AttnOut.FLASHCOMM2
+
+    @property
+    def gather_source(self) -> bool:
+        """Whether the layer-sharded o_proj series all-gathers resident TP slices."""
+        return "o_proj" in self.layer_sharding and self.shard_source == ShardSource.GATHER
+
+    def validate(self, world: int | None = None) -> FlashCommConfig:
+        """Raise ConfigError for the first bad knob; return self so calls can chain."""
+        for f in fields(self):  # type and range of each knob, by its own parser
+            value = getattr(self, f.name)
+            if value != f.metadata["knob"].parse(f.name, value):
+                raise ConfigError(f"{f.name}={value!r}: not a valid value")
+        for name in ("tp", "pp", "dp"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
+        if world is not None and world != self.world:
+            raise ConfigError(
+                f"world={world}: must equal tp*pp*dp = {self.tp}*{self.pp}*{self.dp} = {self.world}"
+            )
+        otp = self.flashcomm2_otp
+        if otp < 0:
+            raise ConfigError(f"flashcomm2_otp={otp}: must be 0 (off) or a divisor of tp below tp")
+        if otp > 0:
+            if otp >= self.tp:
+                raise ConfigError(
+                    f"flashcomm2_otp={otp}: must be smaller than tp={self.tp} "
+                    f"(allowed: {_divisors_below(self.tp) or 'none, tp must be >= 2'})"
+                )
+            if self.tp % otp:
+                raise ConfigError(
+                    f"flashcomm2_otp={otp}: must divide tp={self.tp} "
+                    f"(allowed: {_divisors_below(self.tp)})"
+                )
+        if self.flashcomm2_min_tokens != 0 and otp == 0:
+            raise ConfigError(
+                f"flashcomm2_min_tokens={self.flashcomm2_min_tokens!r}: chooses between "
+                "FlashComm2 and the all-reduce per step, so it needs flashcomm2_otp >= 1 "
+                "(FLASHCOMM2_PARALLEL_SIZE / --otp)")
+        if self.comm_dtype == CommDtype.INT8 and otp == 0:
+            raise ConfigError(
+                "comm_dtype='int8': quantizes the FlashComm2 all-to-all, so it needs "
+                "flashcomm2_otp >= 1 (FLASHCOMM2_PARALLEL_SIZE / --otp)"
+            )
+        if self.prefetch_step < 0:
+            raise ConfigError(
+                f"prefetch_step={self.prefetch_step}: must be >= 0 (and <= L-2 for L layers)"
+            )
+        self._validate_sharding()
+        return self
+
+    def _validate_sharding(self) -> None:
+        seen = set()
+        for name in self.layer_sharding:
+            if name not in SHARDABLE_WEIGHTS:
+                raise ConfigError(
+                    f"layer_sharding: unknown weight name {name!r}; allowed: {SHARDABLE_WEIGHTS}"
+                )
+            if name in seen:
+                raise ConfigError(f"layer_sharding: weight name {name!r} is listed twice")
+            seen.add(name)
+        otp = self.flashcomm2_otp
+        if "o_proj" in self.layer_sharding and otp == 0 and self.dp == 1:
+            raise ConfigError(
+                "layer_sharding=['o_proj'] with flashcomm2_otp=0 and dp=1: o_proj is row-parallel, "
+                "so no rank holds a copy of another's slice and there is nothing to shard. "
+                "Turn on FlashComm2 (flashcomm2_otp >= 1, FLASHCOMM2_PARALLEL_SIZE / --otp) "
+                "or use dp > 1"
+            )
+        if self.shard_source == ShardSource.GATHER:
+            if "o_proj" not in self.layer_sharding:
+                raise ConfigError(
+                    "shard_source='gather': applies to the layer-sharded o_proj, so set "
+                    "layer_sharding=o_proj (FLASHCOMM_LAYER_SHARDING / --layer-sharding) too")
+            if otp == 0:
+                raise ConfigError(
+                    "shard_source='gather': gathers the FlashComm2 W_o from the resident TP "
+                    "slices, so it needs flashcomm2_otp >= 1 (FLASHCOMM2_PARALLEL_SIZE / --otp)")
+        for name in ("q_b_proj", "kv_b_proj"):
+            if name in self.layer_sharding and self.tp * self.dp == 1:
+                raise ConfigError(
+                    f"layer_sharding=[{name!r}] with tp=1 and dp=1: a single rank has no copy to "
+                    "share; use tp > 1 or dp > 1"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly dict of every knob (enums as their strings)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else \
+                (str(value) if isinstance(value, StrEnum) else value)
+        return out
+
+    # ---- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def knobs(cls) -> dict[str, Knob]:
+        """Field name -> Knob, in declaration order."""
+        return {f.name: f.metadata["knob"] for f in fields(cls)}
+
+    @classmethod
+    def env_names(cls) -> tuple[str, ...]:
+        """Every environment variable a knob reads."""
+        return tuple(k.env for k in cls.knobs().values() if k.env)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], base: FlashCommConfig | None = None):
+        """Build from a dict of knob names (unknown keys are an error), on top of `base`."""
+        knobs = cls.knobs()
+        unknown = sorted(set(values) - set(knobs))
+        if unknown:
+            raise ConfigError(f"unknown knob(s) {unknown}; allowed: {sorted(knobs)}")
+        parsed = {key: knobs[key].parse(key, value) for key, value in values.items()}
+        return replace(base or cls(), **parsed)
+
+    @classmethod
+    def from_json(cls, text: str, base: FlashCommConfig | None = None) -> FlashCommConfig:
+        """Build from a JSON object string such as '{"tp": 4, "flashcomm2_otp": 1}'."""
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config JSON: not valid JSON ({e})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config JSON: expected an object, got {type(values).__name__}")
+        return cls.from_mapping(values, base)
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, base: FlashCommConfig | None = None
+    ) -> FlashCommConfig:
+        """Build from the knobs' environment variables (FLASHCOMM*), on top of `base`."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for name, k in cls.knobs().items():
+            if k.env and k.env in env:
+                try:
+                    values[name] = k.parse(name, env[k.env])
+                except ConfigError as e:
+                    raise ConfigError(f"{k.env} (knob {e})") from None
+        return replace(base or cls(), **values)
+
+    @classmethod
+    def add_cli_arguments(cls, parser: argparse.ArgumentParser,
+                          parallel_sizes: bool = True) -> None:
+        """Add the knobs as CLI flags; values stay strings so validation owns every message."""
+        for name, k in cls.knobs().items():
+            if k.flag is None or (k.parallel_size and not parallel_sizes):
+                continue
+            env = f" [env {k.env}]" if k.env else ""
+            if isinstance(getattr(cls(), name), bool):
+                parser.add_argument(k.flag, dest=name, action="store_true", default=None,
+                                    help=k.help + env)
+            else:
+                parser.add_argument(k.flag, dest=name, help=k.help + env)
+        parser.add_argument("--config-json", help="all knobs as one JSON object")
+
+    @classmethod
+    def from_cli(
+        cls, args: argparse.Namespace, env: Mapping[str, str] | None = None
+    ) -> FlashCommConfig:
+        """Environment first, then --config-json, then explicit flags win."""
+        cfg = cls.from_env(env)
+        if getattr(args, "config_json", None):
+            cfg = cls.from_json(args.config_json, cfg)
+        flags = {name: getattr(args, name, None) for name in cls.knobs()}
+        return cls.from_mapping({k: v for k, v in flags.items() if v is not None}, cfg)
+
+
+def _divisors_below(n: int) -> list[int]:
+    return [d for d in range(1, n) if n % d == 0]

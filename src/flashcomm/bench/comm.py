@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from flashcomm.bench.fit import fit_local, write_profile
 from flashcomm.bench.replay import attn_out_replay
 from flashcomm.comm import (
     CommCounter,
@@ -37,6 +36,7 @@ from flashcomm.comm import (
 from flashcomm.groups import GroupHandle, ParallelGroups
 from flashcomm.launch import run_local
 from flashcomm.layout import ParallelLayout
+from flashcomm.plan.fit import fit_local, write_profile
 
 
 def _ints(text: str) -> list[int]:

@@ -1,7 +1,7 @@
 """End-to-end step latency, bytes and memory of every strategy, side by side in one run.
 
 `flashcomm bench e2e --model DIR|demo --nproc N`: ONE spawned group of N ranks (1) fits an
-alpha-beta profile of the collectives (flashcomm.bench.fit, through flashcomm.comm), (2) loads
+alpha-beta profile of the collectives (flashcomm.plan.fit, through flashcomm.comm), (2) loads
 the checkpoint once per strategy (all-reduce, FlashComm1, FlashComm2 otp=1/2, FlashComm2 +
 O-Shard k=0..2, int8 exchange; `auto` reuses the FlashComm2 otp=1 model, whose resident W_o
 serves both paths, with the crossover of the fitted profile as its per-step threshold),
@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from flashcomm.checkpoint import small_llama_config, write_checkpoint
 from flashcomm.config import FlashCommConfig
-from flashcomm.costmodel import Strategy as CostStrategy
+from flashcomm.models.random_checkpoint import small_llama_config, write_checkpoint
+from flashcomm.plan.costmodel import Strategy as CostStrategy
 
 MODEL_SIZES = {
-    "small": None,  # the demo checkpoint of flashcomm.demo
+    "small": None,  # the demo checkpoint of flashcomm.cli.demo
     "medium": dict(hidden_size=1024, intermediate_size=2048, num_hidden_layers=6,
                    num_attention_heads=16, num_key_value_heads=4, head_dim=64,
                    max_position_embeddings=8192),
@@ -103,13 +103,13 @@ def _memory(model, kv_bytes: int) -> dict[str, int]:
 
 def e2e_rank(rank: int, world: int, model_dir: str, opts: dict) -> dict:
     """One rank of the benchmark group; rank 0 returns the timings, every rank its memory."""
-    from flashcomm.bench.fit import fit_profile
     from flashcomm.bench.replay import step_replay
-    from flashcomm.engine import Engine
-    from flashcomm.engine_cli import NEVER, auto_min_tokens
+    from flashcomm.cli.run import NEVER, auto_min_tokens
     from flashcomm.groups import ParallelGroups
     from flashcomm.layout import ParallelLayout
-    from flashcomm.model import KVCache, ModelArgs, Step
+    from flashcomm.models.engine import Engine
+    from flashcomm.models.transformer import KVCache, ModelArgs, Step
+    from flashcomm.plan.fit import fit_profile
 
     args = ModelArgs.from_dir(model_dir)
     rows = strategy_rows(world, args.n_layers)
@@ -289,7 +289,7 @@ def model_dir(model: str, size: str) -> Path:
     """The checkpoint directory: DIR as given, or the cached demo-like random checkpoint."""
     if model != "demo":
         return Path(model)
-    from flashcomm.demo import cache_dir, ensure_checkpoint
+    from flashcomm.cli.demo import cache_dir, ensure_checkpoint
 
     if MODEL_SIZES[size] is None:
         return ensure_checkpoint(cache_dir())

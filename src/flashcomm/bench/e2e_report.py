@@ -11,8 +11,14 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from flashcomm.costmodel import HardwareProfile, Shape, comm_time, layer_traffic, oshard_window_fits
-from flashcomm.costmodel import Strategy as CostStrategy
+from flashcomm.plan.costmodel import (
+    HardwareProfile,
+    Shape,
+    comm_time,
+    layer_traffic,
+    oshard_window_fits,
+)
+from flashcomm.plan.costmodel import Strategy as CostStrategy
 
 FC2, BASE, AUTO, OSHARD1 = "fc2(otp=1)", "allreduce", "auto", "fc2+oshard(k=1)"
 OSHARD_LATENCY_LIMIT = 1.10
@@ -104,7 +110,7 @@ def summarize(raw: dict) -> dict:
 
 def _crossover(raw: dict, grid: list[int], profile: HardwareProfile, shape: Shape,
                by_name: dict) -> dict:
-    from flashcomm.costmodel import crossover_tokens
+    from flashcomm.plan.costmodel import crossover_tokens
 
     if FC2 not in by_name:
         return {}

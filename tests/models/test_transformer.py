@@ -7,8 +7,8 @@ import torch
 from conftest import HF_MODELS, PROMPTS, prefill_logits
 
 from flashcomm.config import FlashCommConfig
-from flashcomm.engine import Engine
-from flashcomm.model import CheckpointError, ModelArgs, Step, TPPlan, rope_inv_freq
+from flashcomm.models.engine import Engine
+from flashcomm.models.transformer import CheckpointError, ModelArgs, Step, TPPlan, rope_inv_freq
 
 
 @pytest.mark.parametrize("name", list(HF_MODELS))

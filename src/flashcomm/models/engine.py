@@ -19,8 +19,8 @@ from torch import Tensor
 from flashcomm.comm import CommCounter
 from flashcomm.config import FlashCommConfig
 from flashcomm.groups import ParallelGroups
-from flashcomm.loader import LoadReport, load_model
-from flashcomm.model import KVCache, Step, Transformer
+from flashcomm.models.loader import LoadReport, load_model
+from flashcomm.models.transformer import KVCache, Step, Transformer
 
 
 @dataclass

@@ -17,15 +17,20 @@ from typing import TYPE_CHECKING
 import torch
 
 from flashcomm.config import ConfigError, FlashCommConfig, parse_int
-from flashcomm.costmodel import HardwareProfile, Shape, crossover_tokens
-from flashcomm.costmodel import Strategy as CostStrategy
 from flashcomm.layout import ParallelLayout
-from flashcomm.loader import check_strategy, checkpoint_index, tensor_specs, validate_checkpoint
-from flashcomm.model import CheckpointError, ModelArgs, TPPlan
+from flashcomm.models.loader import (
+    check_strategy,
+    checkpoint_index,
+    tensor_specs,
+    validate_checkpoint,
+)
+from flashcomm.models.transformer import CheckpointError, ModelArgs, TPPlan
+from flashcomm.plan.costmodel import HardwareProfile, Shape, crossover_tokens
+from flashcomm.plan.costmodel import Strategy as CostStrategy
 
 if TYPE_CHECKING:
-    from flashcomm.engine import Engine
     from flashcomm.groups import ParallelGroups
+    from flashcomm.models.engine import Engine
 
 ATTN_OUT = ("allreduce", "flashcomm2", "auto")
 NEVER = 1 << 62
@@ -84,6 +89,8 @@ def strategy_config(cfg: FlashCommConfig, attn_out: str | None, nproc: int) -> F
         raise ConfigError(f"attn_out={attn_out!r}: allowed values are {ATTN_OUT}")
     if attn_out in ("flashcomm2", "auto") and cfg.flashcomm2_otp == 0:
         cfg = replace(cfg, flashcomm2_otp=1)
+    if attn_out == "auto":
+        cfg = replace(cfg, flashcomm2_min_tokens="auto")
     if attn_out == "allreduce" and cfg.flashcomm2_otp > 0:
         raise ConfigError(
             f"attn_out='allreduce' with flashcomm2_otp={cfg.flashcomm2_otp}: --otp > 0 means "
@@ -108,8 +115,8 @@ def check_model(path: str, cfg: FlashCommConfig) -> ModelArgs:
 
 def rank_main(rank: int, world: int, spec: RunSpec) -> dict:
     """One rank: build groups, load, generate; return this rank's result as a dict."""
-    from flashcomm.engine import Engine
     from flashcomm.groups import ParallelGroups
+    from flashcomm.models.engine import Engine
 
     device = _device()
     shard = ("o_proj",) if "o_proj" in spec.cfg.layer_sharding else ()
@@ -132,7 +139,7 @@ def resolve_auto(engine: Engine, groups: ParallelGroups, profile: str) -> dict:
     import torch.distributed as dist
 
     if profile == "fit":
-        from flashcomm.bench.fit import fit_profile
+        from flashcomm.plan.fit import fit_profile
 
         prof = fit_profile(groups, width=engine.model.args.dim)
     else:
@@ -156,7 +163,7 @@ def _device() -> torch.device:
 def run_spec(spec: RunSpec, nproc: int, timeout_s: float = 600.0) -> list[dict]:
     """Per-rank results of `spec` on nproc spawned ranks (or in-process when nproc == 1)."""
     if nproc == 1:
-        from flashcomm.engine import Engine
+        from flashcomm.models.engine import Engine
 
         engine = Engine.from_checkpoint(spec.model, spec.cfg, None, device=_device(),
                                         dtype=DTYPES[spec.dtype])
@@ -209,11 +216,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto")
     parser.add_argument("--stop-at-eos", action="store_true", help="stop at eos_token_id")
-    parser.add_argument("--flashcomm2-min-tokens", default="0",
-                        help="steps with fewer tokens use the all-reduce o_proj")
-    parser.add_argument("--profile", default="fit",
-                        help="--attn-out auto: 'fit' (measure collectives at start-up, a few "
-                        "seconds), a shipped profile (h100-nvlink, pcie-gen4) or a JSON file")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -229,13 +231,14 @@ def main(args: argparse.Namespace) -> int:
     except CheckpointError as e:
         print(f"flashcomm run: {e}", file=sys.stderr)
         return 2
-    min_tokens = parse_int("flashcomm2_min_tokens", args.flashcomm2_min_tokens)
+    min_tokens = cfg.flashcomm2_min_tokens
     auto_profile = None
-    if args.attn_out == "auto":
-        if min_tokens:
-            raise ConfigError(f"--flashcomm2-min-tokens={min_tokens} with --attn-out auto: auto "
-                              "chooses the threshold itself; pass one or the other")
-        auto_profile = args.profile
+    if args.attn_out == "auto" and args.flashcomm2_min_tokens is not None:
+        raise ConfigError(f"--flashcomm2-min-tokens={args.flashcomm2_min_tokens} with --attn-out "
+                          "auto: auto chooses the threshold itself; pass one or the other")
+    if min_tokens == "auto":
+        min_tokens = 0
+        auto_profile = cfg.profile
         if auto_profile != "fit":
             load_profile(auto_profile)  # a bad --profile fails here, before any rank starts
     spec = RunSpec(args.model, cfg, prompts, parse_int("max_new_tokens", args.max_new_tokens),

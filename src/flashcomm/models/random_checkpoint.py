@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from flashcomm.loader import tensor_specs
-from flashcomm.model import ModelArgs, TPPlan
+from flashcomm.models.loader import tensor_specs
+from flashcomm.models.transformer import ModelArgs, TPPlan
 
 BYTE_VOCAB = 256
 SPECIAL_TOKENS = ("<s>", "</s>")

@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from flashcomm.checkpoint import small_llama_config, write_checkpoint
 from flashcomm.config import FlashCommConfig
+from flashcomm.models.random_checkpoint import small_llama_config, write_checkpoint
 
 DEMO_NAME = "demo-llama-v1"
 PROMPTS = (
@@ -75,9 +75,9 @@ def ensure_checkpoint(path: Path) -> Path:
 def demo_rank(rank: int, world: int, model: str, rows: list[Strategy], prompts: list[list[int]],
               max_new_tokens: int) -> list[dict]:
     """One rank of the demo group: every strategy in turn, a warm-up then a measured batch."""
-    from flashcomm.engine import Engine
     from flashcomm.groups import ParallelGroups
     from flashcomm.layout import ParallelLayout
+    from flashcomm.models.engine import Engine
 
     out = []
     for row in rows:
@@ -123,8 +123,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of `flashcomm demo`."""
-    from flashcomm.engine import Engine
     from flashcomm.launch import run_local
+    from flashcomm.models.engine import Engine
 
     t0 = time.perf_counter()
     model = Path(args.model) if args.model else ensure_checkpoint(cache_dir())

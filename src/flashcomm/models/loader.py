@@ -22,7 +22,7 @@ from tqdm import tqdm
 from flashcomm.comm import CommCounter
 from flashcomm.config import ConfigError, FlashCommConfig
 from flashcomm.groups import ParallelGroups
-from flashcomm.model import CheckpointError, ModelArgs, TPContext, TPPlan, Transformer
+from flashcomm.models.transformer import CheckpointError, ModelArgs, TPContext, TPPlan, Transformer
 from flashcomm.sharding import ShardedSeries
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}

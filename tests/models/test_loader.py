@@ -14,10 +14,10 @@ from conftest import PROMPTS
 from safetensors.torch import load_file, save_file
 
 from flashcomm.config import FlashCommConfig
-from flashcomm.engine import Engine
 from flashcomm.launch import RankFailure, run_local
-from flashcomm.loader import load_model
-from flashcomm.model import CheckpointError
+from flashcomm.models.engine import Engine
+from flashcomm.models.loader import load_model
+from flashcomm.models.transformer import CheckpointError
 
 O0 = "model.layers.0.self_attn.o_proj.weight"
 
@@ -94,8 +94,8 @@ def test_run_cli_reports_bad_checkpoint_before_spawning(bad_checkpoints) -> None
 
 def test_prefetch_step_out_of_range_is_a_config_error(hf_checkpoints) -> None:
     from flashcomm.config import ConfigError
-    from flashcomm.loader import check_strategy
-    from flashcomm.model import ModelArgs
+    from flashcomm.models.loader import check_strategy
+    from flashcomm.models.transformer import ModelArgs
 
     args = ModelArgs.from_dir(hf_checkpoints["llama"])  # 3 layers: k in [0, 1]
     cfg = FlashCommConfig(tp=2, flashcomm2_otp=1, layer_sharding=("o_proj",), prefetch_step=2)

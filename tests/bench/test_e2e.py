@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from flashcomm.checkpoint import small_llama_config, write_checkpoint
+from flashcomm.cli.run import NEVER, auto_min_tokens
 from flashcomm.config import FlashCommConfig
-from flashcomm.costmodel import OPS, HardwareProfile, OpCost
-from flashcomm.engine_cli import NEVER, auto_min_tokens
-from flashcomm.model import ModelArgs
+from flashcomm.models.random_checkpoint import small_llama_config, write_checkpoint
+from flashcomm.models.transformer import ModelArgs
+from flashcomm.plan.costmodel import OPS, HardwareProfile, OpCost
 
 PROMPTS = [[5, 9, 200, 17, 3, 3, 42], [100, 7, 250, 1]]  # prefill T = 11, decode T = 2
 NEW_TOKENS = 6
@@ -30,16 +30,16 @@ def flat_profile(alpha: float, bandwidth: float) -> HardwareProfile:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 3-layer random Llama (H = D = 64) written by flashcomm.checkpoint."""
+    """A 3-layer random Llama (H = D = 64) written by flashcomm.models.random_checkpoint."""
     return write_checkpoint(tmp_path_factory.mktemp("tiny"), small_llama_config(**TINY), seed=3)
 
 
 def _fit_and_auto_worker(rank: int, world: int, ckpt: str, profiles: dict[str, str]) -> dict:
-    from flashcomm.bench.fit import fit_profile
-    from flashcomm.engine import Engine
-    from flashcomm.engine_cli import resolve_auto
+    from flashcomm.cli.run import resolve_auto
     from flashcomm.groups import ParallelGroups
     from flashcomm.layout import ParallelLayout
+    from flashcomm.models.engine import Engine
+    from flashcomm.plan.fit import fit_profile
 
     cfg = FlashCommConfig(tp=world, flashcomm2_otp=1)
     groups = ParallelGroups.build(ParallelLayout.from_config(cfg, world), shard_weights=())
@@ -57,9 +57,9 @@ def _fit_and_auto_worker(rank: int, world: int, ckpt: str, profiles: dict[str, s
 
 def test_fit_and_auto_on_gloo(tiny: Path, tmp_path: Path) -> None:
     from flashcomm import cli
-    from flashcomm.bench.fit import write_profile
-    from flashcomm.engine import Engine
     from flashcomm.launch import run_local
+    from flashcomm.models.engine import Engine
+    from flashcomm.plan.fit import write_profile
 
     args = ModelArgs.from_dir(tiny)
     cfg = FlashCommConfig(tp=2, flashcomm2_otp=1)

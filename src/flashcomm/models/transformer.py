@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from flashcomm import comm
 from flashcomm.config import FlashCommConfig
 from flashcomm.groups import GroupHandle, ParallelGroups
-from flashcomm.model_config import CheckpointError, ModelArgs, rope_inv_freq
+from flashcomm.models.args import CheckpointError, ModelArgs, rope_inv_freq
 from flashcomm.sharding import ShardedSeries
 
 __all__ = ["CheckpointError", "KVCache", "ModelArgs", "Step", "TPContext", "TPPlan",

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from flashcomm.costmodel import (
+from flashcomm.plan.costmodel import (
     OPS,
     HardwareProfile,
     OpCost,

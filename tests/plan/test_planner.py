@@ -10,9 +10,9 @@ import sys
 import pytest
 
 from flashcomm.config import ConfigError
-from flashcomm.costmodel import HardwareProfile
-from flashcomm.model_config import ModelArgs
-from flashcomm.plan import GIB, make_plan
+from flashcomm.models.args import ModelArgs
+from flashcomm.plan.costmodel import HardwareProfile
+from flashcomm.plan.planner import GIB, make_plan
 
 LLAMA70B = {"model_type": "llama", "hidden_size": 8192, "num_hidden_layers": 80,
             "num_attention_heads": 64, "num_key_value_heads": 8, "intermediate_size": 28672,

@@ -19,9 +19,9 @@ import torch
 from conftest import PROMPTS, prefill_logits
 
 from flashcomm.config import FlashCommConfig
-from flashcomm.engine import Engine
 from flashcomm.layout import ParallelLayout
-from flashcomm.model import ModelArgs
+from flashcomm.models.engine import Engine
+from flashcomm.models.transformer import ModelArgs
 
 CKPTS = ("llama", "qwen2", "qwen3")
 NEW_TOKENS = 32
@@ -97,8 +97,8 @@ def expected_o_proj_bytes(cfg: FlashCommConfig, args: ModelArgs, rank: int) -> i
 def predicted_comm_bytes(cfg: FlashCommConfig, args: ModelArgs, min_tokens: int) -> int:
     """What the cost model says generate() sends per rank: every step's layer_traffic, plus
     FlashComm1's final all-gather before the LM head."""
-    from flashcomm.costmodel import Shape, layer_traffic
-    from flashcomm.costmodel import Strategy as CostStrategy
+    from flashcomm.plan.costmodel import Shape, layer_traffic
+    from flashcomm.plan.costmodel import Strategy as CostStrategy
 
     n = cfg.tp
     shape = Shape(hidden=args.dim, q_dim=args.q_dim, tp=n, elt_bytes=4)
@@ -171,8 +171,8 @@ def test_run_cli_json(hf_checkpoints, references) -> None:
 
 
 def test_run_cli_attn_out_auto(hf_checkpoints, references) -> None:
-    from flashcomm.costmodel import HardwareProfile
-    from flashcomm.engine_cli import auto_min_tokens
+    from flashcomm.cli.run import auto_min_tokens
+    from flashcomm.plan.costmodel import HardwareProfile
 
     path = hf_checkpoints["qwen2"]
     ids = [",".join(map(str, p)) for p in PROMPTS]
@@ -194,7 +194,7 @@ def test_run_cli_attn_out_auto(hf_checkpoints, references) -> None:
 
 
 def _tiny_checkpoint(tmp_path) -> Path:
-    from flashcomm.checkpoint import small_llama_config, write_checkpoint
+    from flashcomm.models.random_checkpoint import small_llama_config, write_checkpoint
 
     return write_checkpoint(tmp_path / "ck", small_llama_config(
         hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -227,7 +227,7 @@ def test_sampling_is_seeded_and_eos_stops(hf_checkpoints, references) -> None:
 
 
 def test_run_cli_text_prompts_single_process(tmp_path) -> None:
-    from flashcomm.checkpoint import small_llama_config, write_checkpoint
+    from flashcomm.models.random_checkpoint import small_llama_config, write_checkpoint
 
     ckpt = write_checkpoint(tmp_path / "ck", small_llama_config(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 
 from flashcomm import comm
-from flashcomm.costmodel import HardwareProfile, OpCost, fit_op
 from flashcomm.groups import GroupHandle, ParallelGroups
+from flashcomm.plan.costmodel import HardwareProfile, OpCost, fit_op
 
 DEFAULT_ROWS = (1, 16, 256, 1024, 4096)
 """Token rows per sample: from decode-sized (alpha-bound) to prefill-sized (bandwidth-bound)."""
@@ -126,7 +126,7 @@ def fit_profile(
         ops=dict(per_tp[max(per_tp, key=lambda m: (m == tp, m))]),
         matmul_flops_per_s=flops,
         per_tp=per_tp,
-        source=(f"fitted by flashcomm.bench.fit on {backend}, torch {torch.__version__}, "
+        source=(f"fitted by flashcomm.plan.fit on {backend}, torch {torch.__version__}, "
                 f"{torch.get_num_threads()} thread(s)/rank, group sizes {sorted(per_tp)}, "
                 f"rows {list(rows)} x width {width} {str(dtype).removeprefix('torch.')}, "
                 f"{rounds} rounds x {calls} calls, {time.perf_counter() - t_start:.1f} s"),

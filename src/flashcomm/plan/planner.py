@@ -1,6 +1,6 @@
 """Predict memory and communication per strategy for a model and recommend one (`flashcomm plan`).
 
-Uses the alpha-beta cost model of flashcomm.costmodel with a shipped hardware profile
+Uses the alpha-beta cost model of flashcomm.plan.costmodel with a shipped hardware profile
 (h100-nvlink, pcie-gen4) or one fitted by `flashcomm bench comm --fit`.
 """
 
@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass
 
 from flashcomm.config import ConfigError, parse_int
-from flashcomm.costmodel import (
+from flashcomm.models.args import ModelArgs
+from flashcomm.plan.costmodel import (
     HardwareProfile,
     Shape,
     Strategy,
@@ -21,7 +22,6 @@ from flashcomm.costmodel import (
     layer_traffic,
     oshard_window_fits,
 )
-from flashcomm.model_config import ModelArgs
 
 GIB = 1 << 30
 
@@ -187,7 +187,7 @@ def main(args: argparse.Namespace) -> int:
     """Run `flashcomm plan`."""
     model_dir = args.model
     if model_dir == "demo":
-        from flashcomm.demo import cache_dir, ensure_checkpoint  # the cached demo checkpoint
+        from flashcomm.cli.demo import cache_dir, ensure_checkpoint  # the cached demo checkpoint
 
         model_dir = ensure_checkpoint(cache_dir())
     m = ModelArgs.from_dir(model_dir)

@@ -16,9 +16,9 @@ from flashcomm.layout import ParallelLayout
 
 # subcommand -> (module implementing add_arguments(parser) and main(args) -> int, help)
 COMMANDS = {
-    "run": ("flashcomm.engine_cli", "generate with a tensor-parallel model on N local ranks"),
-    "demo": ("flashcomm.demo", "every strategy at TP=4 on a cached random checkpoint"),
-    "plan": ("flashcomm.plan", "predict memory and communication per strategy; recommend one"),
+    "run": ("flashcomm.cli.run", "generate with a tensor-parallel model on N local ranks"),
+    "demo": ("flashcomm.cli.demo", "every strategy at TP=4 on a cached random checkpoint"),
+    "plan": ("flashcomm.plan.planner", "predict memory and communication per strategy"),
 }
 BENCHES = {
     "series": ("flashcomm.bench.series", "layer-sharding ring: blocked wait vs compute window"),

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flashcomm.config import FlashCommConfig
+from flashcomm.config import ConfigError, FlashCommConfig
 from flashcomm.layout import ParallelLayout
 
 
@@ -156,3 +157,37 @@ def test_every_valid_layout_exhaustively() -> None:
         test_every_family_partitions_the_ranks.hypothesis.inner_test(lay)
         test_shard_groups_hold_identical_slices_within_one_stage.hypothesis.inner_test(lay)
         test_chunk_order_replay_leaves_rank_r_with_chunk_r.hypothesis.inner_test(lay)
+
+
+def test_stage_layers_split_like_vllm() -> None:
+    from flashcomm.layout import stage_layers
+
+    assert stage_layers(7, 2) == [range(0, 4), range(4, 7)]  # remainder goes before the last
+    assert stage_layers(10, 4) == [range(0, 2), range(2, 5), range(5, 8), range(8, 10)]
+    assert [len(r) for r in stage_layers(11, 4)] == [3, 3, 3, 2]
+    assert [len(r) for r in stage_layers(9, 4)] == [2, 2, 3, 2]  # middle stages first
+    for L in range(1, 40):  # (tests/vllm/test_pp_layers.py compares with vLLM itself)
+        for pp in range(1, min(L, 9) + 1):
+            stages = stage_layers(L, pp)
+            assert [i for r in stages for i in r] == list(range(L))
+            assert max(map(len, stages)) - min(map(len, stages)) <= 1
+            assert len(stages[-1]) == L // pp
+
+
+def test_stage_layers_partition_and_errors() -> None:
+    from flashcomm.layout import check_prefetch_step, stage_layers
+
+    assert stage_layers(7, 2, (2, 5)) == [range(0, 2), range(2, 7)]
+    with pytest.raises(ConfigError, match=r"pp=4: larger than num_hidden_layers=3"):
+        stage_layers(3, 4)
+    with pytest.raises(ConfigError, match=r"VLLM_PP_LAYER_PARTITION.*adds up to 6 layers, "
+                       r"the model has 7"):
+        stage_layers(7, 2, (3, 3))
+    with pytest.raises(ConfigError, match=r"3 stages given, pp=2"):
+        stage_layers(7, 2, (3, 3, 1))
+    with pytest.raises(ConfigError, match=r"every stage needs >= 1 layer"):
+        FlashCommConfig.from_env({"VLLM_PP_LAYER_PARTITION": "7,0"})
+    with pytest.raises(ConfigError, match=r"prefetch_step=2: .*L_s-2 = 1 for stage 1 "
+                       r"\(layers 4\.\.6, L_s=3\)"):
+        check_prefetch_step(2, stage_layers(7, 2))
+    check_prefetch_step(1, stage_layers(7, 2))

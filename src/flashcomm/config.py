@@ -155,6 +155,17 @@ def parse_min_tokens(knob: str, value: Any) -> MinTokens:
     return n
 
 
+def _parse_partition(knob: str, value: Any) -> tuple[int, ...]:
+    if isinstance(value, str):
+        value = [v for v in value.replace(" ", "").split(",") if v] if value.strip() else []
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f"{knob}={value!r}: expected comma-separated layer counts, e.g. 4,3")
+    counts = tuple(parse_int(knob, v) for v in value)
+    if any(c < 1 for c in counts):
+        raise ConfigError(f"{knob}={','.join(map(str, counts))}: every stage needs >= 1 layer")
+    return counts
+
+
 def _parse_str(knob: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{knob}={value!r}: expected a non-empty string")
@@ -208,6 +219,11 @@ class FlashCommConfig:
                                  help="FlashComm2 all-to-all payload: auto or int8",
                                  parse=_enum(CommDtype))
     """Payload dtype of the FlashComm2 all-to-all."""
+    pp_layer_partition: tuple[int, ...] = knob(
+        (), flag="--pp-layer-partition", env="VLLM_PP_LAYER_PARTITION",
+        help="layers per pipeline stage, e.g. 4,3 (default: vLLM's even split)",
+        parse=_parse_partition)
+    """Layers of each pipeline stage, overriding the even split (vLLM's own variable)."""
     profile: str = knob("fit", flag="--profile", env="FLASHCOMM_PROFILE",
                         help="hardware profile for flashcomm2_min_tokens=auto: 'fit' (measure at "
                         "start-up), a shipped name (h100-nvlink, pcie-gen4) or a JSON file",
@@ -282,6 +298,11 @@ class FlashCommConfig:
             raise ConfigError(
                 f"prefetch_step={self.prefetch_step}: must be >= 0 (and <= L-2 for L layers)"
             )
+        if self.pp_layer_partition and len(self.pp_layer_partition) != self.pp:
+            raise ConfigError(
+                f"pp_layer_partition={','.join(map(str, self.pp_layer_partition))} "
+                f"(VLLM_PP_LAYER_PARTITION): has {len(self.pp_layer_partition)} stages, "
+                f"pp={self.pp}")
         self._validate_sharding()
         return self
 

@@ -18,7 +18,43 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from flashcomm.config import FlashCommConfig
+from flashcomm.config import ConfigError, FlashCommConfig
+
+
+def stage_layers(num_layers: int, pp: int, partition: tuple[int, ...] = ()) -> list[range]:
+    """The decoder layers of each pipeline stage, split exactly as vLLM's `get_pp_indices`:
+    L // pp each, the remainder spread one by one over the stages before the last (walking
+    back from the second-to-last), or `partition` (VLLM_PP_LAYER_PARTITION) when given."""
+    if pp < 1:
+        raise ConfigError(f"pp={pp}: must be >= 1")
+    if pp > num_layers:
+        raise ConfigError(f"pp={pp}: larger than num_hidden_layers={num_layers}; every pipeline "
+                          f"stage needs at least one layer (allowed: 1..{num_layers})")
+    if partition:
+        text = ",".join(map(str, partition))
+        if len(partition) != pp:
+            raise ConfigError(f"pp_layer_partition={text} (VLLM_PP_LAYER_PARTITION): "
+                              f"{len(partition)} stages given, pp={pp}")
+        if sum(partition) != num_layers:
+            raise ConfigError(f"pp_layer_partition={text} (VLLM_PP_LAYER_PARTITION): adds up to "
+                              f"{sum(partition)} layers, the model has {num_layers}")
+        counts = list(partition)
+    else:
+        counts = [num_layers // pp] * pp
+        for i in range(2, num_layers % pp + 2):
+            counts[-i] += 1
+    starts = [sum(counts[:s]) for s in range(pp)]
+    return [range(a, a + c) for a, c in zip(starts, counts, strict=True)]
+
+
+def check_prefetch_step(k: int, stages: list[range]) -> None:
+    """ConfigError unless 0 <= k <= L_s - 2 for every stage's layer count L_s."""
+    for s, layers in enumerate(stages):
+        if not 0 <= k <= len(layers) - 2:
+            where = f"stage {s} (layers {layers.start}..{layers.stop - 1}, L_s={len(layers)})"
+            raise ConfigError(
+                f"prefetch_step={k}: must satisfy 0 <= k <= L_s-2 = {len(layers) - 2} for "
+                f"{where}" + ("; a sharded series needs L_s >= 2" if len(layers) < 2 else ""))
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,10 @@ class ParallelGroups:
     """FlashComm2 reduce-scatter group (None when FlashComm2 is off)."""
     shard: dict[str, GroupHandle] = field(default_factory=dict)
     """Layer-sharding group per weight name."""
+    fetch: GroupHandle | None = None
+    """The odp group's ranks on a communicator of their own, for the gather source's W_o
+    all-gathers (so they never queue behind the odp all-to-all); built when o_proj is
+    layer-sharded under FlashComm2, and the o_proj shard group itself when the ranks agree."""
 
     @classmethod
     def build(
@@ -86,4 +90,8 @@ class ParallelGroups:
         odp = family(layout.odp_groups()) if layout.otp else None
         otp = family(layout.otp_groups()) if layout.otp else None
         shard = {w: family(layout.shard_groups(w)) for w in shard_weights}
-        return cls(layout, rank, tp, pp, dp, odp, otp, shard)
+        fetch = None
+        if layout.otp and "o_proj" in shard:  # one series uses it: owner or gather, not both
+            same = sorted(layout.odp_groups()) == layout.shard_groups("o_proj")
+            fetch = shard["o_proj"] if same else family(layout.odp_groups())
+        return cls(layout, rank, tp, pp, dp, odp, otp, shard, fetch)

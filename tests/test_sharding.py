@@ -44,8 +44,8 @@ def _handle(ranks: list[int]) -> GroupHandle | None:
     return GroupHandle(pg, tuple(ranks), ranks.index(me)) if me in ranks else None
 
 
-def _make(handle: GroupHandle, name: str, start: int, L: int, k: int, dtype: torch.dtype,
-          sync: bool = False) -> tuple[ShardedSeries, list[torch.Tensor]]:
+def _make(handle: GroupHandle | dist.ProcessGroup | None, name: str, start: int, L: int, k: int,
+          dtype: torch.dtype, sync: bool = False) -> tuple[ShardedSeries, list[torch.Tensor]]:
     """A finalized series over layers start..start+L-1 and the post_process inputs it saw."""
     s = ShardedSeries(name, handle, k, sync=sync, layers=range(start, start + L))
     for i in range(start, start + L):
@@ -61,11 +61,12 @@ def _make(handle: GroupHandle, name: str, start: int, L: int, k: int, dtype: tor
     return s, seen
 
 
-def _check_case(handle: GroupHandle, start: int, L: int, k: int, dtype: torch.dtype,
-                sync: bool) -> list[str]:
+def _check_case(group: GroupHandle | dist.ProcessGroup | None, start: int, L: int, k: int,
+                dtype: torch.dtype, sync: bool) -> list[str]:
     """One series through finalize and three passes; returns failure descriptions."""
+    handle = GroupHandle.of(group)
     tag = f"G={handle.size} rank={handle.rank} L={L} start={start} k={k} {dtype} sync={sync}"
-    s, seen = _make(handle, f"case{L}.{start}.{k}", start, L, k, dtype, sync)
+    s, seen = _make(group, f"case{L}.{start}.{k}", start, L, k, dtype, sync)
     bad: list[str] = []
     layers = range(start, start + L)
     if len(seen) != L or not all(_same_bits(x, _weight(i, dtype))
@@ -173,6 +174,25 @@ def _misuse(h: GroupHandle) -> dict[str, str]:
     return out
 
 
+def _plain_groups(rank: int, world: int) -> dict[str, object]:
+    """The series on torch's own groups: None (the world), the WORLD group and a subgroup of the
+    ranks 1.. whose group ranks differ from the global ones (one rank alone when world = 2)."""
+    sub_ranks = list(range(1, world))
+    sub = dist.new_group(sub_ranks, timeout=timedelta(seconds=30))  # every rank creates it
+    out: dict[str, object] = {
+        "none": _check_case(None, 3, 4, 1, torch.float32, sync=False),
+        "world": _check_case(dist.group.WORLD, 59, 5, 2, torch.bfloat16, sync=True),
+        "handle": [(h.ranks, h.rank) for h in map(GroupHandle.of, (None, dist.group.WORLD))],
+    }
+    if rank in sub_ranks:
+        out["sub"] = _check_case(sub, 0, 3, 1, torch.float32, sync=False)
+        h = GroupHandle.of(sub)
+        out["sub_handle"] = (h.ranks, h.rank, h.group is None)
+    else:
+        out["sub"] = _error(lambda: ShardedSeries("x", sub, 0))
+    return out
+
+
 def _world_worker(rank: int, world: int) -> dict[str, object]:
     full = _handle(list(range(world)))
     assert full is not None
@@ -189,6 +209,7 @@ def _world_worker(rank: int, world: int) -> dict[str, object]:
         "single": _check_case(one, 3, 4, 1, torch.float32, sync=False),
         "two_series": _two_series_at_once(full, sub),
         "misuse": _misuse(full),
+        "plain": _plain_groups(rank, world),
     }
 
 
@@ -214,6 +235,14 @@ def _check_world(world: int) -> None:
         assert "wait(layer 6) before prefetch(layer 6)" in m["wait_before_prefetch"]
         assert m["recovered"] == "True"
         assert "disagree" in m["plan"] and "rank 1: start=1" in m["plan"]
+        plain = res["plain"]
+        assert not plain["none"] and not plain["world"], (plain["none"], plain["world"])
+        assert plain["handle"] == [(tuple(range(world)), rank)] * 2
+        if rank == 0:
+            assert "global rank 0 is not a member" in plain["sub"], plain["sub"]
+        else:
+            assert not plain["sub"], plain["sub"]
+            assert plain["sub_handle"] == (tuple(range(1, world)), rank - 1, world == 2)
 
 
 def test_series_two_ranks() -> None:
@@ -261,6 +290,11 @@ def test_prefetch_target_wraps_within_the_stage() -> None:
 
 
 def test_local_errors_need_no_process_group() -> None:
+    alone = ShardedSeries("x", None, 0)  # no torch.distributed: the world is this process
+    assert (alone.group.ranks, alone.group.rank, alone.group.group) == ((0,), 0, None)
+    assert _check_case(None, 5, 3, 1, torch.float32, sync=False) == []
+    with pytest.raises(TypeError, match="expected a GroupHandle, a torch.distributed"):
+        ShardedSeries("x", "world", 0)  # type: ignore[arg-type]
     one = GroupHandle(None, (0,), 0)
     with pytest.raises(ValueError, match="k=1 must satisfy 0 <= k <= L-2 = 0"):
         ShardedSeries("x", one, 1, layers=range(5, 7))

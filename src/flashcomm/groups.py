@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from flashcomm.config import FlashCommConfig
 from flashcomm.layout import ParallelLayout
 
 DEFAULT_TIMEOUT = timedelta(seconds=120)
@@ -31,6 +32,29 @@ class GroupHandle:
     def global_rank(self, group_rank: int) -> int:
         """Global rank of member `group_rank`."""
         return self.ranks[group_rank]
+
+    @classmethod
+    def of(cls, group: GroupHandle | dist.ProcessGroup | None) -> GroupHandle:
+        """A handle for our handle, a plain torch ProcessGroup this rank belongs to, or None: the
+        world (a one-rank group when torch.distributed is not initialized)."""
+        if isinstance(group, GroupHandle):
+            return group
+        if group is None:
+            if not dist.is_initialized():
+                return cls(None, (0,), 0)
+            group = dist.group.WORLD
+        if isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER:  # new_group
+            raise ValueError(f"group: global rank {dist.get_rank()} is not a member of it; only "
+                             "members may use the group")
+        if not isinstance(group, dist.ProcessGroup):
+            raise TypeError(f"group={group!r}: expected a GroupHandle, a torch.distributed "
+                            "ProcessGroup or None (the world)")
+        ranks = tuple(dist.get_process_group_ranks(group))
+        me = dist.get_rank()
+        if me not in ranks:
+            raise ValueError(f"group with ranks {list(ranks)}: global rank {me} is not a member; "
+                             "only members may use the group")
+        return cls(group if len(ranks) > 1 else None, ranks, ranks.index(me))
 
 
 @dataclass(frozen=True)
@@ -57,6 +81,16 @@ class ParallelGroups:
     """The odp group's ranks on a communicator of their own, for the gather source's W_o
     all-gathers (so they never queue behind the odp all-to-all); built when o_proj is
     layer-sharded under FlashComm2, and the o_proj shard group itself when the ranks agree."""
+
+    @classmethod
+    def from_config(
+        cls, cfg: FlashCommConfig, world: int | None = None, timeout: timedelta = DEFAULT_TIMEOUT
+    ) -> ParallelGroups:
+        """Validate `cfg` for `world` ranks (default: the initialized world) and build its groups,
+        with a shard group for every weight in cfg.layer_sharding; collective over the world."""
+        if world is None and dist.is_initialized():
+            world = dist.get_world_size()
+        return cls.build(ParallelLayout.from_config(cfg, world), cfg.layer_sharding, timeout)
 
     @classmethod
     def build(

@@ -92,15 +92,16 @@ class ShardedSeries:
     def __init__(
         self,
         name: str,
-        group: GroupHandle,
+        group: GroupHandle | dist.ProcessGroup | None,
         prefetch_step: int,
         *,
         sync: bool = False,
         layers: range | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        """`layers`, if given, is the exact index range this stage must register (rejects
-        draft/MTP layers); `device` holds the ring (default: the device of owned weights)."""
+        """`group`: our GroupHandle, a plain torch ProcessGroup or None (the world); `layers`, if
+        given, is the exact index range this stage must register (rejects draft/MTP layers);
+        `device` holds the ring (default: the device of owned weights)."""
         if not isinstance(prefetch_step, int) or prefetch_step < 0:
             raise ValueError(f"series {name!r}: prefetch_step={prefetch_step!r} must be an "
                              f"int >= 0")
@@ -110,7 +111,7 @@ class ShardedSeries:
                                  f"of consecutive indices >= 0")
             self._check_k(prefetch_step, len(layers), name)
         self.name = name
-        self.group = group
+        self.group = GroupHandle.of(group)
         self.k = prefetch_step
         self.sync = sync
         self._layers = layers

@@ -219,6 +219,12 @@ class FlashCommConfig:
                                  help="FlashComm2 all-to-all payload: auto or int8",
                                  parse=_enum(CommDtype))
     """Payload dtype of the FlashComm2 all-to-all."""
+    expert_parallel: bool = knob(False, flag="--expert-parallel", env="FLASHCOMM_EXPERT_PARALLEL",
+                                 help="MoE: each TP rank holds E/N whole experts (all-to-all "
+                                 "token exchange) instead of a 1/N slice of every expert",
+                                 parse=parse_bool)
+    """MoE models: E/N whole experts per TP rank and an all-to-all token exchange, instead of
+    tensor-parallel experts (a 1/N slice of every expert, reduced like the dense MLP)."""
     pp_layer_partition: tuple[int, ...] = knob(
         (), flag="--pp-layer-partition", env="VLLM_PP_LAYER_PARTITION",
         help="layers per pipeline stage, e.g. 4,3 (default: vLLM's even split)",

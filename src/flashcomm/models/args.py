@@ -1,4 +1,5 @@
-"""Hugging Face config.json -> ModelArgs for the Llama family (Llama, Mistral, Qwen2, Qwen3).
+"""Hugging Face config.json -> ModelArgs: the Llama family (Llama, Mistral, Qwen2, Qwen3) and
+its mixture-of-experts relatives (Qwen3-MoE, Mixtral).
 
 Pure Python + torch: parsing and validation happen before any process group exists, so a bad
 checkpoint fails on every rank with the same message naming the field.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+MOE_MODEL_TYPES = ("qwen3_moe", "mixtral")
+_DEFAULT_ROPE_THETA = {"mixtral": 1e6}  # what transformers assumes when config.json is silent
 
 
 class CheckpointError(ValueError):
@@ -60,11 +64,26 @@ class ModelArgs:
     """lm_head shares the embedding matrix."""
     sliding_windows: tuple[int | None, ...] = ()
     """Per layer: attention window (keys with q_pos - k_pos < window), or None for full causal."""
+    n_experts: int = 0
+    """Routed experts of each MoE layer (0: no MoE layer)."""
+    n_experts_per_tok: int = 0
+    """Top-k: experts each token is routed to."""
+    moe_intermediate_size: int = 0
+    """Inner size of one expert's SwiGLU MLP."""
+    norm_topk_prob: bool = False
+    """Renormalise the top-k routing probabilities to sum to 1 (Mixtral always does)."""
+    moe_layers: tuple[int, ...] = ()
+    """Layers whose MLP is the sparse MoE block; every other layer has the dense MLP."""
 
     @property
     def q_dim(self) -> int:
         """D = n_heads * head_dim, the o_proj input width."""
         return self.n_heads * self.head_dim
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether any layer routes its tokens to experts."""
+        return bool(self.moe_layers)
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelArgs:
@@ -93,7 +112,7 @@ class ModelArgs:
                 f"config.json: num_attention_heads={n_heads} must be a multiple of "
                 f"num_key_value_heads={n_kv}"
             )
-        theta, scaling = _rope_params(cfg)
+        theta, scaling = _rope_params(cfg, _DEFAULT_ROPE_THETA.get(mt, 10000.0))
         windows = _sliding_windows(cfg, mt, n_layers)
         bias = bool(cfg.get("attention_bias", False))
         return cls(
@@ -102,9 +121,9 @@ class ModelArgs:
             intermediate_size=int(need("intermediate_size")),
             norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
             qkv_bias=True if mt == "qwen2" else bias, o_bias=False if mt == "qwen2" else bias,
-            mlp_bias=bool(cfg.get("mlp_bias", False)), qk_norm=mt == "qwen3",
+            mlp_bias=bool(cfg.get("mlp_bias", False)), qk_norm=mt in ("qwen3", "qwen3_moe"),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            sliding_windows=windows,
+            sliding_windows=windows, **_moe_fields(cfg, mt, n_layers, need),
         )
 
     @classmethod
@@ -119,11 +138,11 @@ class ModelArgs:
             raise CheckpointError(f"{f}: not valid JSON ({e})") from None
 
 
-def _rope_params(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+def _rope_params(cfg: dict[str, Any], default_theta: float) -> tuple[float, dict[str, Any] | None]:
     # transformers >= 5 writes rope_parameters; older checkpoints rope_theta + rope_scaling
     params = dict(cfg.get("rope_parameters") or {})
     params.update(cfg.get("rope_scaling") or {})
-    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", default_theta)))
     kind = params.get("rope_type", params.get("type", "default"))
     if kind == "default":
         return theta, None
@@ -140,12 +159,47 @@ def _rope_params(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
 
 def _sliding_windows(cfg: dict[str, Any], mt: str, n_layers: int) -> tuple[int | None, ...]:
     window = cfg.get("sliding_window")
-    if mt == "mistral":  # Mistral applies its window (if any) on every layer
+    if mt in ("mistral", "mixtral"):  # the window (if any) applies on every layer
         return (window,) * n_layers
+    if mt == "qwen3_moe":  # every layer, and only with use_sliding_window
+        return (window if cfg.get("use_sliding_window", False) else None,) * n_layers
     types = cfg.get("layer_types") or ["full_attention"] * n_layers
     if mt in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
         types = ["full_attention"] * n_layers
     return tuple(window if t == "sliding_attention" else None for t in types)
+
+
+def _moe_fields(cfg: dict[str, Any], mt: str, n_layers: int,
+                need: Callable[[str], Any]) -> dict[str, Any]:
+    """ModelArgs' MoE fields; Qwen3-MoE in both spellings (transformers < 5 writes num_experts,
+    5 writes num_local_experts), its dense layers from mlp_only_layers and decoder_sparse_step."""
+    if mt not in MOE_MODEL_TYPES:
+        return {}
+    if mt == "mixtral":
+        n_experts, inner = int(need("num_local_experts")), int(need("intermediate_size"))
+        norm = True
+        sparse = list(range(n_layers))
+    else:
+        given = {k: cfg[k] for k in ("num_experts", "num_local_experts") if cfg.get(k) is not None}
+        if len(set(given.values())) > 1:
+            raise CheckpointError(f"config.json: {given} disagree; write one of them")
+        if not given:
+            raise CheckpointError(f"config.json: field 'num_experts' (or 'num_local_experts') is "
+                                  f"missing ({mt})")
+        n_experts, inner = int(next(iter(given.values()))), int(need("moe_intermediate_size"))
+        norm = bool(cfg.get("norm_topk_prob", False))
+        step = int(cfg.get("decoder_sparse_step") or 1)
+        if step < 1:
+            raise CheckpointError(f"config.json: decoder_sparse_step={step} must be >= 1")
+        dense = set(cfg.get("mlp_only_layers") or ())
+        sparse = [i for i in range(n_layers)
+                  if n_experts > 0 and i not in dense and (i + 1) % step == 0]
+    top_k = int(need("num_experts_per_tok")) if sparse else int(cfg.get("num_experts_per_tok") or 0)
+    if sparse and not 1 <= top_k <= n_experts:
+        raise CheckpointError(f"config.json: num_experts_per_tok={top_k} must be in "
+                              f"[1, {n_experts}] (the number of experts)")
+    return {"n_experts": n_experts, "n_experts_per_tok": top_k, "moe_intermediate_size": inner,
+            "norm_topk_prob": norm, "moe_layers": tuple(sparse)}
 
 
 def rope_inv_freq(args: ModelArgs) -> Tensor:

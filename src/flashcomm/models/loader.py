@@ -22,6 +22,7 @@ from tqdm import tqdm
 from flashcomm.comm import CommCounter
 from flashcomm.config import ConfigError, FlashCommConfig
 from flashcomm.groups import ParallelGroups
+from flashcomm.models.moe import MOE_TENSOR_NAMES
 from flashcomm.models.transformer import CheckpointError, ModelArgs, TPContext, TPPlan, Transformer
 from flashcomm.sharding import ShardedSeries
 
@@ -73,12 +74,18 @@ def tensor_specs(args: ModelArgs, plan: TPPlan) -> list[TensorSpec]:
             TensorSpec(a + "v_proj.weight", t + "attention.wv.weight",
                        (args.n_kv_heads * hd, h), 0, kv_rows),
             TensorSpec(a + "o_proj.weight", t + "attention.wo", (h, args.q_dim), 1, plan.o_cols),
-            TensorSpec(m + "gate_proj.weight", t + "feed_forward.w1.weight", (i_sz, h), 0,
-                       plan.ffn),
-            TensorSpec(m + "up_proj.weight", t + "feed_forward.w3.weight", (i_sz, h), 0, plan.ffn),
-            TensorSpec(m + "down_proj.weight", t + "feed_forward.w2.weight", (h, i_sz), 1,
-                       plan.ffn),
         ]
+        if i in args.moe_layers:
+            specs += _moe_specs(args, plan, i)
+        else:
+            specs += [
+                TensorSpec(m + "gate_proj.weight", t + "feed_forward.w1.weight", (i_sz, h), 0,
+                           plan.ffn),
+                TensorSpec(m + "up_proj.weight", t + "feed_forward.w3.weight", (i_sz, h), 0,
+                           plan.ffn),
+                TensorSpec(m + "down_proj.weight", t + "feed_forward.w2.weight", (h, i_sz), 1,
+                           plan.ffn),
+            ]
         if args.qkv_bias:
             specs += [
                 TensorSpec(a + "q_proj.bias", t + "attention.wq.bias", (args.q_dim,), 0, q_rows),
@@ -92,7 +99,7 @@ def tensor_specs(args: ModelArgs, plan: TPPlan) -> list[TensorSpec]:
         if args.qk_norm:
             specs += [TensorSpec(a + "q_norm.weight", t + "attention.q_norm.weight", (hd,)),
                       TensorSpec(a + "k_norm.weight", t + "attention.k_norm.weight", (hd,))]
-        if args.mlp_bias:
+        if args.mlp_bias and i not in args.moe_layers:
             specs += [
                 TensorSpec(m + "gate_proj.bias", t + "feed_forward.w1.bias", (i_sz,), 0, plan.ffn),
                 TensorSpec(m + "up_proj.bias", t + "feed_forward.w3.bias", (i_sz,), 0, plan.ffn),
@@ -101,6 +108,21 @@ def tensor_specs(args: ModelArgs, plan: TPPlan) -> list[TensorSpec]:
     specs.append(TensorSpec("model.norm.weight", "norm.weight", (h,)))
     if not args.tie_word_embeddings:
         specs.append(TensorSpec("lm_head.weight", "output.weight", (args.vocab_size, h)))
+    return specs
+
+
+def _moe_specs(args: ModelArgs, plan: TPPlan, i: int) -> list[TensorSpec]:
+    """Layer i's router (replicated) and this rank's experts: a slice of every expert's inner
+    columns (TP experts) or its E/N whole experts (expert parallel)."""
+    block, gate, up, down = MOE_TENSOR_NAMES[args.model_type]
+    p, t = f"model.layers.{i}.{block}.", f"layers.{i}.feed_forward."
+    h, inner, cols = args.dim, args.moe_intermediate_size, plan.expert_ffn
+    specs = [TensorSpec(p + "gate.weight", t + "gate.weight", (args.n_experts, h))]
+    for e in range(*plan.experts):
+        src, dst = f"{p}experts.{e}.", f"{t}experts.{e - plan.experts[0]}."
+        specs += [TensorSpec(f"{src}{gate}.weight", dst + "w1.weight", (inner, h), 0, cols),
+                  TensorSpec(f"{src}{up}.weight", dst + "w3.weight", (inner, h), 0, cols),
+                  TensorSpec(f"{src}{down}.weight", dst + "w2.weight", (h, inner), 1, cols)]
     return specs
 
 
@@ -155,6 +177,9 @@ def check_strategy(args: ModelArgs, cfg: FlashCommConfig) -> None:
     other = [w for w in cfg.layer_sharding if w != "o_proj"]
     if other:
         raise ConfigError(f"layer_sharding={other}: Llama-family models only shard 'o_proj'")
+    if cfg.expert_parallel and not args.is_moe:
+        raise ConfigError(f"expert_parallel=True (--expert-parallel): model_type="
+                          f"{args.model_type!r} has no experts")
     if "o_proj" in cfg.layer_sharding and not 0 <= cfg.prefetch_step <= args.n_layers - 2:
         raise ConfigError(
             f"prefetch_step={cfg.prefetch_step}: must be in [0, L-2] = [0, {args.n_layers - 2}] "
@@ -189,7 +214,7 @@ def load_model(
         raise ConfigError(f"tp={cfg.tp}: the TP group has {tp} ranks")
     tp_rank = 0 if groups is None else groups.tp.rank
     otp = cfg.flashcomm2_otp if groups is not None else 0
-    plan = TPPlan.build(args, tp, tp_rank, otp)
+    plan = TPPlan.build(args, tp, tp_rank, otp, groups is not None and cfg.expert_parallel)
     sharded = groups is not None and "o_proj" in cfg.layer_sharding
     if groups is not None:
         check_strategy(args, cfg)
@@ -197,7 +222,7 @@ def load_model(
             raise ConfigError(f"pp={cfg.pp}: the engine runs a single pipeline stage (pp=1)")
     index = checkpoint_index(path)
     specs = tensor_specs(args, plan)
-    validate_checkpoint(index, specs)
+    validate_checkpoint(index, tensor_specs(args, TPPlan.build(args, 1, 0)))  # alike on all ranks
     if dtype is None:
         dtype = _DTYPES[index["model.embed_tokens.weight"][2]]
 

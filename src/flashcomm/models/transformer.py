@@ -28,6 +28,7 @@ from flashcomm import comm
 from flashcomm.config import FlashCommConfig
 from flashcomm.groups import GroupHandle, ParallelGroups
 from flashcomm.models.args import CheckpointError, ModelArgs, rope_inv_freq
+from flashcomm.models.moe import MoEFeedForward, expert_split
 from flashcomm.sharding import ShardedSeries
 
 __all__ = ["CheckpointError", "KVCache", "ModelArgs", "Step", "TPContext", "TPPlan",
@@ -54,10 +55,16 @@ class TPPlan:
     """[start, end) of the MLP intermediate columns."""
     o_cols: tuple[int, int]
     """[start, end) of o_proj input columns (of D) held: D/N, D/otp or all of D."""
+    experts: tuple[int, int] = (0, 0)
+    """MoE: [start, end) of the experts held (all of them, or E/N under expert parallelism)."""
+    expert_ffn: tuple[int, int] = (0, 0)
+    """MoE: [start, end) of each held expert's inner columns (I/N, or all of I under EP)."""
 
     @classmethod
-    def build(cls, args: ModelArgs, tp: int, rank: int, otp: int = 0) -> TPPlan:
-        """Split `args` over `tp` ranks; otp > 0 means FlashComm2 (W_o slice of its odp group)."""
+    def build(cls, args: ModelArgs, tp: int, rank: int, otp: int = 0,
+              expert_parallel: bool = False) -> TPPlan:
+        """Split `args` over `tp` ranks; otp > 0 means FlashComm2 (W_o slice of its odp group);
+        expert_parallel: MoE ranks hold E/N whole experts instead of 1/N of every expert."""
         if args.n_heads % tp:
             raise CheckpointError(
                 f"num_attention_heads={args.n_heads} is not divisible by tp={tp}"
@@ -82,7 +89,9 @@ class TPPlan:
             o_cols = (j * width, (j + 1) * width)
         else:
             o_cols = (rank * d // tp, (rank + 1) * d // tp)
-        return cls(tp, rank, (q0, q1), (kv0, kv1), kv_index, (rank * ff, (rank + 1) * ff), o_cols)
+        experts, expert_ffn = expert_split(args, tp, rank, expert_parallel)
+        return cls(tp, rank, (q0, q1), (kv0, kv1), kv_index, (rank * ff, (rank + 1) * ff), o_cols,
+                   experts, expert_ffn)
 
     @property
     def n_q(self) -> int:
@@ -316,7 +325,8 @@ class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs, plan: TPPlan, layer_idx: int, sharded_o: bool) -> None:
         super().__init__()
         self.attention = Attention(args, plan, layer_idx, sharded_o)
-        self.feed_forward = FeedForward(args, plan)
+        moe = layer_idx in args.moe_layers
+        self.feed_forward = MoEFeedForward(args, plan) if moe else FeedForward(args, plan)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
@@ -329,6 +339,8 @@ class TransformerBlock(nn.Module):
             x = comm.all_gather_tokens(x, t, group, ctx.counter)  # [T, H]
         h = h + self.attention(x, step, cos=cos, sin=sin, cache=cache, ctx=ctx)
         x = self.ffn_norm(h)
+        if getattr(self.feed_forward, "expert_parallel", False):  # EP: its own token exchange
+            return h + self.feed_forward.forward_ep(x, t, ctx)  # same layout as h
         if ctx.flashcomm1:
             x = comm.all_gather_tokens(x, t, group, ctx.counter)
         y = self.feed_forward(x)  # [T, H] partial sums

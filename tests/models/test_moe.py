@@ -1,0 +1,279 @@
+"""Mixture-of-experts models (Qwen3-MoE, Mixtral): config parsing, loading, and every strategy on
+real gloo ranks (N = 2 and 4) against Hugging Face transformers on the same random checkpoints.
+
+8 experts, top-2, 3-4 layers, kv heads (2) < N = 4; the Qwen3-MoE has a dense layer (1), D != H
+and no renormalisation of the top-k weights, the Mixtral renormalises and writes head_dim null.
+One spawned group per N runs every (strategy, checkpoint) pair.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import PROMPTS, prefill_logits
+from safetensors.torch import load_file, save_file
+
+from flashcomm.config import ConfigError, FlashCommConfig
+from flashcomm.layout import ParallelLayout
+from flashcomm.models.args import CheckpointError, ModelArgs
+from flashcomm.models.engine import Engine
+from flashcomm.models.moe import MoEFeedForward
+
+NEW_TOKENS = 12
+FEW = [[7] * 6]  # identical tokens route identically: only a few experts get any token
+COMMON = dict(hidden_size=64, vocab_size=300, num_attention_heads=4, num_key_value_heads=2,
+              initializer_range=0.2, num_experts_per_tok=2, eos_token_id=None, bos_token_id=None)
+HF_MOE = {
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        num_hidden_layers=4, head_dim=24, intermediate_size=96, moe_intermediate_size=32,
+        num_experts=8, mlp_only_layers=[1], norm_topk_prob=False)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
+        num_hidden_layers=3, intermediate_size=64, num_local_experts=8)),
+}
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """name -> directory written by transformers' save_pretrained (random weights)."""
+    import transformers
+
+    root = tmp_path_factory.mktemp("moe")
+    for i, (name, (cfg_cls, model_cls, extra)) in enumerate(HF_MOE.items()):
+        torch.manual_seed(10 + i)
+        cfg = getattr(transformers, cfg_cls)(**{**COMMON, **extra})
+        getattr(transformers, model_cls)(cfg).eval().save_pretrained(root / name)
+    return {name: root / name for name in HF_MOE}
+
+
+@pytest.fixture(scope="module")
+def hf_reference(moe_checkpoints) -> dict[str, dict]:
+    """Per checkpoint: transformers' logits of PROMPTS ([T, V], concatenated) and greedy tokens
+    of PROMPTS and FEW, each prompt generated alone."""
+    from transformers import AutoModelForCausalLM
+
+    out = {}
+    for name, path in moe_checkpoints.items():
+        hf = AutoModelForCausalLM.from_pretrained(path).eval()
+        with torch.no_grad():
+            logits = torch.cat([hf(torch.tensor([p])).logits[0] for p in PROMPTS])
+
+            def greedy(prompts, hf=hf):
+                return [hf.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS,
+                                    min_new_tokens=NEW_TOKENS, do_sample=False)[0, len(p):]
+                        .tolist() for p in prompts]
+            out[name] = {"logits": logits, "tokens": greedy(PROMPTS), "few": greedy(FEW)}
+    return out
+
+
+# ---- config.json -------------------------------------------------------------------------------
+
+
+def test_both_transformers_generations_parse_alike(moe_checkpoints, tmp_path) -> None:
+    new = json.loads((moe_checkpoints["qwen3_moe"] / "config.json").read_text())
+    assert "num_local_experts" in new and "rope_parameters" in new  # what transformers 5 writes
+    old = {k: v for k, v in new.items() if k not in ("num_local_experts", "rope_parameters")}
+    old |= {"num_experts": 8, "rope_theta": new["rope_parameters"]["rope_theta"],
+            "rope_scaling": None}  # what transformers 4 writes
+    a, b = ModelArgs.from_hf_config(new), ModelArgs.from_hf_config(old)
+    assert a == b
+    assert (a.n_experts, a.n_experts_per_tok, a.moe_intermediate_size) == (8, 2, 32)
+    assert a.moe_layers == (0, 2, 3) and not a.norm_topk_prob and a.qk_norm
+    mix = json.loads((moe_checkpoints["mixtral"] / "config.json").read_text())
+    assert mix["head_dim"] is None
+    m = ModelArgs.from_hf_config(mix)
+    assert m.head_dim == 16 and m.moe_layers == (0, 1, 2) and m.norm_topk_prob
+    assert m.moe_intermediate_size == 64 and m.rope_theta == 1e6
+    del mix["rope_parameters"]  # transformers' own default for Mixtral
+    assert ModelArgs.from_hf_config(mix).rope_theta == 1e6
+    with pytest.raises(CheckpointError, match="disagree"):
+        ModelArgs.from_hf_config({**new, "num_experts": 4})
+    with pytest.raises(CheckpointError, match="num_experts_per_tok=9"):
+        ModelArgs.from_hf_config({**new, "num_experts_per_tok": 9})
+
+
+def test_sparse_layers_follow_transformers() -> None:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    for step, dense in ((1, []), (2, []), (2, [3]), (3, [0, 2])):
+        cfg = Qwen3MoeConfig(**{**COMMON, **HF_MOE["qwen3_moe"][2], "num_hidden_layers": 6,
+                                "decoder_sparse_step": step, "mlp_only_layers": dense})
+        hf = Qwen3MoeForCausalLM(cfg)
+        want = tuple(i for i, layer in enumerate(hf.model.layers)
+                     if isinstance(layer.mlp, Qwen3MoeSparseMoeBlock))
+        assert ModelArgs.from_hf_config(cfg.to_dict()).moe_layers == want, (step, dense)
+
+
+def test_expert_parallel_knob_and_split_errors(moe_checkpoints) -> None:
+    from flashcomm.models.loader import check_strategy
+    from flashcomm.models.transformer import TPPlan
+
+    cfg = FlashCommConfig.from_env({"FLASHCOMM_EXPERT_PARALLEL": "1"})
+    assert cfg.expert_parallel and "FLASHCOMM_EXPERT_PARALLEL" in FlashCommConfig.env_names()
+    with pytest.raises(ConfigError, match="FLASHCOMM_EXPERT_PARALLEL"):
+        FlashCommConfig.from_env({"FLASHCOMM_EXPERT_PARALLEL": "maybe"})
+    args = ModelArgs.from_dir(moe_checkpoints["mixtral"])
+    assert [TPPlan.build(args, 4, r, expert_parallel=True).experts for r in range(4)] == [
+        (0, 2), (2, 4), (4, 6), (6, 8)]
+    assert TPPlan.build(args, 4, 1).experts == (0, 8)
+    assert TPPlan.build(args, 4, 1).expert_ffn == (16, 32)
+    assert TPPlan.build(args, 4, 1, expert_parallel=True).expert_ffn == (0, 64)
+    odd = replace(args, n_experts=6)
+    with pytest.raises(ConfigError, match=r"expert_parallel=True.*num_experts=6.*\[1, 2, 3, 6\]"):
+        TPPlan.build(odd, 4, 0, expert_parallel=True)
+    with pytest.raises(ConfigError, match=r"moe_intermediate_size=30.*--expert-parallel"):
+        TPPlan.build(replace(args, moe_intermediate_size=30), 4, 0)
+    dense = replace(args, model_type="llama", moe_layers=(), n_experts=0)
+    with pytest.raises(ConfigError, match="expert_parallel=True.*'llama' has no experts"):
+        check_strategy(dense, FlashCommConfig(tp=2, expert_parallel=True))
+
+
+# ---- loading -----------------------------------------------------------------------------------
+
+E5 = "model.layers.2.mlp.experts.5.down_proj.weight"  # owned by TP rank 1 under EP at N=2
+
+
+def _rewrite(src: Path, dst: Path, edit) -> Path:
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def _load_ep(rank: int, world: int, path: str) -> None:
+    from flashcomm.groups import ParallelGroups
+
+    cfg = FlashCommConfig(tp=world, expert_parallel=True, flashcomm2_otp=1,
+                          layer_sharding=("o_proj",))
+    groups = ParallelGroups.build(ParallelLayout.from_config(cfg, world), ("o_proj",))
+    Engine.from_checkpoint(path, cfg, groups, progress=False)
+
+
+def test_expert_tensors_are_checked_and_named(moe_checkpoints, tmp_path) -> None:
+    from flashcomm.launch import RankFailure, run_local
+
+    src = moe_checkpoints["qwen3_moe"]
+    missing = _rewrite(src, tmp_path / "missing", lambda t: t.pop(E5))
+    shape = _rewrite(src, tmp_path / "shape",
+                     lambda t: t.__setitem__(E5, t[E5][:, :-1].contiguous()))
+    truncated = tmp_path / "truncated"
+    shutil.copytree(src, truncated)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[:-1000])
+    router = _rewrite(src, tmp_path / "router",
+                      lambda t: t.pop("model.layers.3.mlp.gate.weight"))
+    for path, text in ((missing, f"{E5!r} is missing"), (shape, f"{E5!r}.*shape \\[64, 31\\]"),
+                       (truncated, "truncated"), (router, "layers.3.mlp.gate.weight")):
+        with pytest.raises(CheckpointError, match=text):
+            Engine.from_checkpoint(path, FlashCommConfig(), progress=False)
+    # expert parallel: rank 0 holds experts 0-3 only, yet fails alike instead of waiting on rank 1
+    with pytest.raises(RankFailure, match=rf"(?s)rank 0.*{E5}"):
+        run_local(_load_ep, 2, str(missing), timeout_s=90, group_timeout_s=20)
+
+
+# ---- the single-process model against transformers ----------------------------------------------
+
+
+def _routing(engine: Engine, prompts: list[list[int]]) -> list[list[int]]:
+    """Tokens per expert of every router call (each MoE layer of each step) while generating."""
+    calls: list[list[int]] = []
+
+    def record(module, inputs, logits) -> None:
+        ids = logits.topk(2, dim=-1).indices  # softmax is monotone: the same top-2
+        calls.append(torch.bincount(ids.reshape(-1), minlength=logits.shape[-1]).tolist())
+
+    handles = [b.feed_forward.gate.register_forward_hook(record) for b in engine.model.layers
+               if isinstance(b.feed_forward, MoEFeedForward)]
+    try:
+        engine.generate(prompts, NEW_TOKENS)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+@pytest.mark.parametrize("name", list(HF_MOE))
+def test_single_process_matches_transformers(moe_checkpoints, hf_reference, name) -> None:
+    engine = Engine.from_checkpoint(moe_checkpoints[name], FlashCommConfig(), progress=False)
+    ref = hf_reference[name]
+    torch.testing.assert_close(prefill_logits(engine, PROMPTS), ref["logits"], rtol=1e-4,
+                               atol=1e-4)
+    assert engine.generate(PROMPTS, NEW_TOKENS).tokens == ref["tokens"]
+    assert engine.generate(FEW, NEW_TOKENS).tokens == ref["few"]
+    args = engine.model.args
+    calls = _routing(engine, PROMPTS)
+    assert len(calls) == NEW_TOKENS * len(args.moe_layers)
+    assert any(0 in c for c in calls[len(args.moe_layers):])  # a decode step leaves experts idle
+    few = _routing(engine, FEW)[:len(args.moe_layers)]  # FEW's prefill, every MoE layer
+    assert all(sum(n > 0 for n in c) <= 4 for c in few), few  # only some experts get tokens
+
+
+# ---- every strategy on N ranks -------------------------------------------------------------------
+
+
+def strategies(n: int) -> dict[str, FlashCommConfig]:
+    """name -> knobs; TP experts and expert parallel, with and without FlashComm2 / FlashComm1."""
+    base = FlashCommConfig(tp=n)
+    fc2 = replace(base, flashcomm2_otp=1)
+    ep = replace(base, expert_parallel=True)
+    shard = ("o_proj",)
+    return {
+        "allreduce": base,
+        "fc2": fc2,
+        "fc2+fc1": replace(fc2, flashcomm1=True),
+        "fc2+oshard k1": replace(fc2, layer_sharding=shard, prefetch_step=1),
+        "ep": ep,
+        "ep+fc1": replace(ep, flashcomm1=True),
+        "ep+fc2": replace(ep, flashcomm2_otp=1),
+        "ep+fc2+fc1+oshard k1": replace(ep, flashcomm2_otp=1, flashcomm1=True,
+                                        layer_sharding=shard, prefetch_step=1),
+    }
+
+
+def _strategies_worker(rank: int, world: int, ckpts: dict[str, str]) -> dict:
+    from flashcomm.groups import ParallelGroups
+
+    out = {}
+    for name, cfg in strategies(world).items():
+        groups = ParallelGroups.build(ParallelLayout.from_config(cfg, world), cfg.layer_sharding)
+        for ck, path in ckpts.items():
+            engine = Engine.from_checkpoint(path, cfg, groups, progress=False)
+            res = engine.generate(PROMPTS, NEW_TOKENS)
+            out[name, ck] = {"logits": prefill_logits(engine, PROMPTS), "tokens": res.tokens,
+                             "few": engine.generate(FEW, NEW_TOKENS).tokens,
+                             "comm": res.comm_bytes_by_op, "weight_bytes": res.weight_bytes,
+                             "read": engine.load_report.names}
+    return out
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_every_strategy_matches_transformers(moe_checkpoints, hf_reference, n) -> None:
+    from flashcomm.launch import run_local
+
+    ckpts = {ck: str(p) for ck, p in moe_checkpoints.items()}
+    per_rank = run_local(_strategies_worker, n, ckpts, timeout_s=400, group_timeout_s=120)
+    for name, cfg in strategies(n).items():
+        for ck in HF_MOE:
+            ref, args = hf_reference[ck], ModelArgs.from_dir(moe_checkpoints[ck])
+            for rank, out in enumerate(per_rank):
+                got, where = out[name, ck], f"{name} {ck} rank {rank} of {n}"
+                torch.testing.assert_close(got["logits"], ref["logits"], rtol=1e-4, atol=1e-4,
+                                           msg=lambda m, w=where: f"{w}: {m}")
+                assert got["tokens"] == ref["tokens"], where
+                assert got["few"] == ref["few"], where
+                ep_bytes = sum(v for op, v in got["comm"].items() if op.startswith("ep_"))
+                assert (ep_bytes > 0) == cfg.expert_parallel, (where, got["comm"])
+                # E/N whole experts weigh what 1/N of every expert does
+                plain = out["fc2" if cfg.flashcomm2 else "allreduce", ck]
+                if "o_proj" not in cfg.layer_sharding:
+                    assert got["weight_bytes"] == plain["weight_bytes"], where
+                experts = {int(s.split(".")[5]) for s in got["read"] if ".experts." in s}
+                per = args.n_experts // n
+                want = range(rank * per, (rank + 1) * per) if cfg.expert_parallel else range(8)
+                assert experts == set(want), where

@@ -277,3 +277,17 @@ def test_every_strategy_matches_transformers(moe_checkpoints, hf_reference, n) -
                 per = args.n_experts // n
                 want = range(rank * per, (rank + 1) * per) if cfg.expert_parallel else range(8)
                 assert experts == set(want), where
+
+
+def test_mlp_weight_counts_match_the_loaded_model(moe_checkpoints) -> None:
+    for ck, path in moe_checkpoints.items():
+        engine = Engine.from_checkpoint(path, FlashCommConfig(), progress=False)
+        args, blocks = engine.model.args, engine.model.layers
+        held = sum(p.numel() for b in blocks for p in b.feed_forward.parameters())
+        assert args.mlp_weights(1) == held, ck
+        assert args.mlp_weights(2) < held  # the router is replicated, the experts split
+        per_token = [b.feed_forward.gate.weight.numel() + sum(
+            e.w1.weight.numel() * 3 for e in b.feed_forward.experts[:args.n_experts_per_tok])
+            if isinstance(b.feed_forward, MoEFeedForward) else
+            sum(p.numel() for p in b.feed_forward.parameters()) for b in blocks]
+        assert args.mlp_active_weights(1) == sum(per_token) / len(blocks), ck

@@ -85,6 +85,22 @@ class ModelArgs:
         """Whether any layer routes its tokens to experts."""
         return bool(self.moe_layers)
 
+    def mlp_weights(self, tp: int) -> int:
+        """MLP weight elements one of `tp` ranks holds over all layers: dense 3*H*I/N; MoE the
+        replicated router E*H plus 3*H*I_moe*E/N (1/N of every expert, or E/N whole ones)."""
+        n_moe = len(self.moe_layers)
+        dense = (self.n_layers - n_moe) * 3 * self.dim * self.intermediate_size // tp
+        experts = 3 * self.dim * self.moe_intermediate_size * self.n_experts // tp
+        return dense + n_moe * (self.n_experts * self.dim + experts)
+
+    def mlp_active_weights(self, tp: int) -> float:
+        """MLP weight elements one token multiplies on one of `tp` ranks, averaged over layers
+        (its top-k experts in MoE layers, plus the router)."""
+        n_moe = len(self.moe_layers)
+        dense = (self.n_layers - n_moe) * 3 * self.dim * self.intermediate_size / tp
+        routed = 3 * self.dim * self.moe_intermediate_size * self.n_experts_per_tok / tp
+        return (dense + n_moe * (self.n_experts * self.dim + routed)) / self.n_layers
+
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelArgs:
         """Parse a config.json dict; CheckpointError names the offending field."""

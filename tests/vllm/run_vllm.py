@@ -1,14 +1,18 @@
-"""Run vLLM (TP=2, eager, fp32) on the tiny Llama and write greedy tokens and layer facts as JSON.
+"""Run vLLM (fp32, TP=2 by default) on the tiny Llama and write greedy tokens and layer facts.
 
-Usage: python run_vllm.py MODEL_DIR OUT_JSON [NAME=ENV_JSON ...]
-Each NAME=ENV_JSON is one LLM instance created with those extra environment variables (read by
-the plugin in the spawned workers); all prompts of one instance run as one batch.
+Usage: python run_vllm.py MODEL_DIR OUT_JSON RUNS_JSON
+RUNS_JSON maps a run name to {"env": {...}, "eager": bool, "tp": int, "timeout": s}: one LLM
+instance per run, in order, created with those extra environment variables (read by the plugin
+in the spawned workers; VLLM_CACHE_ROOT there picks the compile cache). All prompts of one
+instance run as one batch. Each instance gets its own timeout (SIGALRM); the JSON is rewritten
+after every run, so partial results survive a later hang.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -21,17 +25,24 @@ def _layer_facts(worker) -> dict:
     return worker_report(worker)
 
 
-def run_one(model: str, env: dict[str, str], prompts: list[str], max_tokens: int) -> dict:
-    """One LLM instance with `env` set; returns tokens, per-worker facts and timings."""
+def _alarm(signum, frame):
+    raise TimeoutError("instance timed out")
+
+
+def run_one(model: str, spec: dict, prompts: list[str], max_tokens: int) -> dict:
+    """One LLM instance per `spec`; returns tokens, per-worker facts and timings."""
     from vllm import SamplingParams
 
     from flashcomm.vllm import llm_with_env
 
     t0 = time.perf_counter()
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(int(spec.get("timeout", 600)))
     try:
-        with llm_with_env(env, model=model, tensor_parallel_size=2, dtype="float32",
-                          enforce_eager=True, kv_cache_memory_bytes=64 << 20, max_model_len=128,
-                          max_num_seqs=8, seed=0, distributed_executor_backend="mp") as llm:
+        with llm_with_env(spec.get("env", {}), model=model, tensor_parallel_size=spec.get("tp", 2),
+                          dtype="float32", enforce_eager=spec.get("eager", False),
+                          kv_cache_memory_bytes=64 << 20, max_model_len=128, max_num_seqs=8,
+                          seed=0, distributed_executor_backend="mp") as llm:
             t1 = time.perf_counter()
             params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
             outs = llm.generate(prompts, params, use_tqdm=False)
@@ -39,8 +50,11 @@ def run_one(model: str, env: dict[str, str], prompts: list[str], max_tokens: int
             facts = llm.collective_rpc(_layer_facts)
         return {"tokens": [list(o.outputs[0].token_ids) for o in outs], "workers": facts,
                 "startup_s": t1 - t0, "generate_s": t2 - t1}
-    except Exception as e:  # reported to the test, which asserts on it
-        return {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+    except BaseException as e:  # reported to the test, which asserts on it
+        return {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
+                "seconds": time.perf_counter() - t0}
+    finally:
+        signal.alarm(0)
 
 
 def main() -> None:
@@ -48,12 +62,13 @@ def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from tiny_llama import prompts
 
-    model, out = sys.argv[1], sys.argv[2]
+    model, out, runs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     results = {}
-    for spec in sys.argv[3:]:
-        name, env = spec.split("=", 1)
-        results[name] = run_one(model, json.loads(env), prompts(), max_tokens=16)
-        with open(out, "w") as f:  # partial results survive a later hang
+    for name, spec in runs.items():
+        print(f"=== run {name}: {spec}", flush=True)
+        results[name] = run_one(model, spec, prompts(), max_tokens=spec.get("max_tokens", 16))
+        print(f"=== run {name} done: {results[name].get('error', 'ok')}", flush=True)
+        with open(out, "w") as f:
             json.dump(results, f, indent=1)
 
 

@@ -3,14 +3,18 @@
 Registered as the entry point `vllm.general_plugins: flashcomm = flashcomm.vllm:register`, so
 vLLM calls `register()` in every process, workers included, before building the model.
 
-Enable it with the engine's environment variables (validated with the same messages):
+Enable it with the knobs' environment variables (validated with the engine's messages), e.g.
     FLASHCOMM2_PARALLEL_SIZE=1          FlashComm2, full o_proj per rank (otp; must divide TP)
+    FLASHCOMM2_MIN_TOKENS=N | auto      per step: FlashComm2 at T >= N, else vLLM's all-reduce
+    FLASHCOMM_PROFILE=fit | name | file where 'auto' gets its collective costs (fit: measure)
     FLASHCOMM_LAYER_SHARDING=o_proj     O-Shard the replicated o_proj over its shard group
     FLASHCOMM_PREFETCH_STEP=k           prefetch distance, 0 <= k <= L-2
-    FLASHCOMM_REPORT_DIR=dir            write rank<r>.json (resident o_proj bytes) after loading
-With none of the FLASHCOMM* variables set, `register()` does nothing and vLLM runs stock.
-vLLM must run eagerly (enforce_eager=True). `worker_report` reads the facts back through
-`LLM.collective_rpc(worker_report)`.
+    FLASHCOMM_REPORT_DIR=dir            write rank<r>.json (bytes, threshold) after loading
+With none of the FLASHCOMM* variables set, `register()` does nothing and vLLM runs stock. Any
+compilation mode works (the ops carry the per-step work, see ops.py); on GPUs use
+cudagraph_mode=PIECEWISE. `worker_report` reads the facts back through
+`LLM.collective_rpc(worker_report)`, including the op counters `o_proj_calls` and
+`o_proj_fc2_calls`.
 """
 
 from __future__ import annotations
@@ -24,12 +28,17 @@ from flashcomm.vllm.context import env_requests_flashcomm
 
 
 def register() -> None:
-    """vLLM plugin entry point; idempotent, hooks in only when a FLASHCOMM* variable is set."""
+    """vLLM plugin entry point; idempotent, hooks in only when a FLASHCOMM* variable is set.
+    Bad knobs raise a ConfigError here, in the process that starts vLLM, before any engine."""
     if not env_requests_flashcomm():
         return
     from vllm.model_executor.custom_op import op_registry_oot
     from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
 
+    from flashcomm.config import FlashCommConfig
+    from flashcomm.vllm.checks import check_env
+
+    check_env(FlashCommConfig.from_env())
     from flashcomm.vllm.layers import FlashCommQKVParallelLinear, FlashCommRowParallelLinear
 
     for base, ours in ((RowParallelLinear, FlashCommRowParallelLinear),
@@ -44,7 +53,8 @@ def register() -> None:
 
 
 def worker_report(worker: Any) -> dict[str, Any]:
-    """Inside a vLLM worker (collective_rpc): layer classes and FlashComm's resident bytes."""
+    """Inside a vLLM worker (collective_rpc): layer classes, FlashComm's resident bytes, the
+    threshold and the op counters (o_proj_calls, o_proj_fc2_calls)."""
     from flashcomm.vllm.context import O_PROJ_PATTERN, QKV_PATTERN, VllmFlashComm
 
     model = worker.model_runner.model

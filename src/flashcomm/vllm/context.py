@@ -1,9 +1,15 @@
-"""Per-model FlashComm state inside one vLLM worker: config, groups, the o_proj series, report.
+"""Per-model FlashComm state inside one vLLM worker: config, groups, weight source, threshold.
 
 vLLM builds layers from their constructor arguments only, so the layers of one model find their
 shared state through the VllmConfig that vLLM sets while it builds the model: the first
 FlashComm layer attaches a `VllmFlashComm` to it, the others read it back. Process groups are
-created there, i.e. after vLLM's model-parallel init and never at plugin load.
+created there, i.e. after vLLM's model-parallel init and never at plugin load. Each FlashComm
+o_proj also registers itself in `compilation_config.static_forward_context` under its prefix, so
+the custom ops (ops.py), which only get a layer name, find it through vLLM's forward context.
+
+The per-step threshold: a step of T tokens takes FlashComm2 when `T >= min_tokens`, else the
+row-parallel product plus vLLM's all-reduce. `flashcomm2_min_tokens=auto` is resolved after the
+weights are loaded (fit.py: measured at start-up, or a profile), identically on every rank.
 """
 
 from __future__ import annotations
@@ -16,18 +22,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
-from flashcomm.config import ConfigError, FlashCommConfig
+from flashcomm.config import AUTO, FlashCommConfig
 from flashcomm.groups import ParallelGroups
-from flashcomm.layout import ParallelLayout
+from flashcomm.layout import ParallelLayout, stage_layers
 from flashcomm.sharding import ShardedSeries
+from flashcomm.vllm.checks import check_plugin_limits, configure_vllm
+from flashcomm.vllm.weights import OProjWeights, OwnerRing, ResidentWeights
 
 logger = logging.getLogger("flashcomm.vllm")
 
 ENV_REPORT_DIR = "FLASHCOMM_REPORT_DIR"
-ENV_VARS = ("FLASHCOMM2_PARALLEL_SIZE", "FLASHCOMM_LAYER_SHARDING", "FLASHCOMM_PREFETCH_STEP",
-            "FLASHCOMM1", "FLASHCOMM_COMM_DTYPE")
+"""Plugin-only variable (not a knob): write rank<r>.json with the report after loading."""
 _ATTR = "_flashcomm_vllm"
 # Attention projections of the main decoder stack only: vision towers ("vision_tower.…",
 # "visual.…") and draft models under their own prefix never match.
@@ -36,10 +44,16 @@ O_PROJ_PATTERN = re.compile(MAIN_LAYER.format("o_proj"))
 QKV_PATTERN = re.compile(MAIN_LAYER.format("qkv_proj"))
 
 
+def plugin_env_names() -> tuple[str, ...]:
+    """The knobs' FLASHCOMM* variables (vLLM's own ones, e.g. VLLM_PP_LAYER_PARTITION, do not
+    enable the plugin)."""
+    return tuple(n for n in FlashCommConfig.env_names() if n.startswith("FLASHCOMM"))
+
+
 def env_requests_flashcomm(env: dict[str, str] | None = None) -> bool:
     """Whether any FlashComm variable is set, so the plugin must hook in (and validate)."""
     env = os.environ if env is None else env
-    return any(v in env for v in ENV_VARS)
+    return any(v in env for v in plugin_env_names())
 
 
 @dataclass
@@ -50,20 +64,38 @@ class VllmFlashComm:
     """Validated knobs with vLLM's tp/pp/dp filled in."""
     layers: range
     """Main-model layer indices of this pipeline stage: only their o_proj/qkv are replaced."""
+    static_layers: dict[str, Any] = field(default_factory=dict, repr=False)
+    """vLLM's static forward context (name -> layer): where the ops look layers up."""
     groups: ParallelGroups | None = None
     """Our process groups (None when FlashComm2 is off)."""
     series: ShardedSeries | None = None
-    """The o_proj series when FLASHCOMM_LAYER_SHARDING=o_proj."""
+    """The O-Shard ring (owner source) when FLASHCOMM_LAYER_SHARDING=o_proj."""
+    weights: OProjWeights | None = None
+    """The o_proj weight source (resident or the ring), set up by the first register()."""
+    min_tokens: int | None = 0
+    """Steps with T >= min_tokens take FlashComm2; None: never (auto found no crossover)."""
+    auto: dict[str, Any] | None = None
+    """How 'auto' was resolved (profile name, fitted costs), for the report."""
+    exchange: str = "all_to_all"
+    """FlashComm2's exchange: 'all_to_all' (our odp group) or 'all_gather' (vLLM's TP group)."""
+    o_proj_shape: tuple[int, int] = (0, 0)
+    """[H, D/otp] of one o_proj weight (set by the first register())."""
+    dtype: torch.dtype = torch.float32
+    """The o_proj weight's (and activations') dtype."""
     registered: dict[int, int] = field(default_factory=dict)
     """o_proj layer index -> bytes of its (full or otp-slice) weight, as constructed."""
     loaded: set[int] = field(default_factory=set)
     """o_proj layers whose post-load hook ran."""
     sealed: bool = False
     """True once the main model is loaded: layers built later (draft models) stay stock."""
+    o_proj_calls: int = 0
+    """Times the o_proj op ran on this worker (every layer of every step, warm-up included)."""
+    o_proj_fc2_calls: int = 0
+    """How many of them took the FlashComm2 path."""
 
     @property
     def enabled(self) -> bool:
-        """Whether o_proj layers take the FlashComm2 path."""
+        """Whether o_proj layers are replaced by the FlashComm op."""
         return self.cfg.flashcomm2
 
     # ---- construction ----------------------------------------------------------------------
@@ -79,22 +111,25 @@ class VllmFlashComm:
 
     @classmethod
     def _create(cls, vllm_config: Any) -> VllmFlashComm:
-        from vllm.config import CompilationMode
         from vllm.distributed import parallel_state as ps
-        from vllm.distributed.utils import get_pp_indices
+        from vllm.platforms import current_platform
 
         pc = vllm_config.parallel_config
         cfg = replace(FlashCommConfig.from_env(), tp=pc.tensor_parallel_size,
                       pp=pc.pipeline_parallel_size, dp=pc.data_parallel_size)
         world = dist.get_world_size() if dist.is_initialized() else cfg.world
         cfg.validate(world)
-        _check_plugin_limits(cfg, vllm_config, CompilationMode.NONE)
+        check_plugin_limits(cfg, vllm_config)
+        configure_vllm(cfg, vllm_config, cuda=current_platform.is_cuda_alike())
         pp_rank = ps.get_pp_group().rank_in_group
         num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
-        start, end = get_pp_indices(num_layers, pp_rank, cfg.pp)
-        ctx = cls(cfg=cfg, layers=range(start, end))
+        layers = stage_layers(num_layers, cfg.pp, cfg.pp_layer_partition)[pp_rank]
+        ctx = cls(cfg=cfg, layers=layers,
+                  static_layers=vllm_config.compilation_config.static_forward_context)
         if not cfg.flashcomm2:
             return ctx
+        if cfg.flashcomm2_min_tokens != AUTO:
+            ctx.min_tokens = int(cfg.flashcomm2_min_tokens)
         layout = ParallelLayout.from_config(cfg, world)
         rank = dist.get_rank()
         for name, mine, theirs in (("tp", layout.tp_groups(), ps.get_tp_group()),
@@ -106,11 +141,12 @@ class VllmFlashComm:
                     f"layout expects {layout.group_of(rank, mine)}; unsupported rank order")
         shard = ("o_proj",) if "o_proj" in cfg.layer_sharding else ()
         ctx.groups = ParallelGroups.build(layout, shard_weights=shard)
+        ctx.exchange = choose_exchange(cfg, current_platform.is_cpu())
         if shard:
             ctx.series = ShardedSeries("o_proj", ctx.groups.shard["o_proj"], cfg.prefetch_step,
-                                       layers=ctx.layers)
-        logger.info("flashcomm: rank %d enabled %s, layers %d..%d", rank, cfg.to_dict(),
-                    start, end - 1)
+                                       layers=layers)
+        logger.info("flashcomm: rank %d enabled %s, layers %d..%d, exchange %s", rank,
+                    cfg.to_dict(), layers.start, layers.stop - 1, ctx.exchange)
         return ctx
 
     # ---- which layers ----------------------------------------------------------------------
@@ -123,6 +159,10 @@ class VllmFlashComm:
         """Layer index if `prefix` is the QKV projection that triggers that layer's prefetch."""
         return self._index(QKV_PATTERN, prefix) if self.series is not None else None
 
+    def allocates(self, layer_idx: int) -> bool:
+        """Whether this rank holds layer i's o_proj weight (non-owners of O-Shard do not)."""
+        return self.series is None or self.series.owns(layer_idx)
+
     def _index(self, pattern: re.Pattern, prefix: str) -> int | None:
         m = pattern.match(prefix)
         if not self.enabled or self.sealed or m is None or int(m.group(1)) not in self.layers:
@@ -131,36 +171,73 @@ class VllmFlashComm:
 
     # ---- loading ---------------------------------------------------------------------------
 
-    def register(self, layer_idx: int, nbytes: int) -> None:
-        """Record one constructed o_proj (its weight is registered in the series by the layer)."""
+    def register(self, layer_idx: int, weight: torch.Tensor, name: str, layer: Any) -> None:
+        """Record one constructed o_proj: its weight into the source, the layer under `name`."""
         if layer_idx in self.registered:
             raise RuntimeError(f"flashcomm: o_proj of layer {layer_idx} constructed twice")
-        self.registered[layer_idx] = nbytes
+        if name in self.static_layers:
+            raise RuntimeError(f"flashcomm: layer name {name!r} is already in vLLM's static "
+                               "forward context")
+        if self.weights is None:  # weight [H, D/otp] = odp blocks of D/N columns
+            width = weight.shape[1] // self.cfg.odp
+            offset = self.groups.tp.rank % self.cfg.odp * width  # this rank's own heads
+            self.weights = (OwnerRing(self.series, offset, width) if self.series is not None
+                            else ResidentWeights(offset, width))
+            self.o_proj_shape, self.dtype = (weight.shape[0], weight.shape[1]), weight.dtype
+        self.weights.register(layer_idx, weight)
+        self.static_layers[name] = layer
+        self.registered[layer_idx] = weight.numel() * weight.element_size()
 
     def after_loading(self, layer_idx: int) -> None:
-        """Post-load hook of one o_proj; the last one distributes the series (collective)."""
+        """Post-load hook of one o_proj; the last one distributes the series and resolves the
+        threshold (both collective: every rank loads every one of its layers)."""
         self.loaded.add(layer_idx)
         if self.sealed or self.loaded != set(self.registered):
             return
         self.sealed = True
-        if self.series is not None:
-            self.series.finalize()
+        self.weights.finalize()
+        if self.cfg.flashcomm2_min_tokens == AUTO:
+            from flashcomm.vllm.fit import resolve_auto
+
+            self.min_tokens, self.auto = resolve_auto(self)
         report = self.report()
-        logger.info("flashcomm: rank %d resident o_proj bytes %d", report["rank"],
-                    report["resident_o_proj_bytes"])
+        logger.info("flashcomm: rank %d resident o_proj bytes %d, FlashComm2 from %s tokens",
+                    report["rank"], report["resident_o_proj_bytes"], self.min_tokens)
         out = os.environ.get(ENV_REPORT_DIR)
         if out:
             Path(out).mkdir(parents=True, exist_ok=True)
             (Path(out) / f"rank{report['rank']}.json").write_text(json.dumps(report, indent=1))
 
+    # ---- per step (inside the ops) ---------------------------------------------------------
+
+    def takes_flashcomm2(self, num_tokens: int) -> bool:
+        """Whether a step of `num_tokens` tokens takes FlashComm2 (same answer on every rank)."""
+        return self.min_tokens is not None and num_tokens >= self.min_tokens
+
+    def step_takes_flashcomm2(self, num_tokens: int, layer_idx: int) -> bool:
+        """takes_flashcomm2, counted as one o_proj call of layer `layer_idx`."""
+        full = self.takes_flashcomm2(num_tokens)
+        self.o_proj_calls += 1
+        self.o_proj_fc2_calls += full
+        return full
+
+    @staticmethod
+    def tp_coordinator() -> Any:
+        """vLLM's TP GroupCoordinator (its SHM / custom all-reduce and all-gather)."""
+        from vllm.distributed import get_tp_group
+
+        return get_tp_group()
+
+    # ---- facts -----------------------------------------------------------------------------
+
     def resident_o_proj_bytes(self) -> int:
-        """Bytes of o_proj weights this worker holds (series: owned layers + ring)."""
-        if self.series is not None:
-            return self.series.stats().resident_bytes
-        return sum(self.registered.values())
+        """Bytes of o_proj weights this worker holds (O-Shard: owned layers + ring)."""
+        return self.weights.resident_bytes() if self.weights is not None else 0
 
     def report(self) -> dict[str, Any]:
-        """JSON-ready facts: config, layers, resident o_proj bytes and series counters."""
+        """JSON-ready facts: config, layers, resident bytes, threshold, counters, series."""
+        series = self.weights.stats() if self.weights is not None else None
+        ring = self.series
         return {
             "rank": dist.get_rank() if dist.is_initialized() else 0,
             "config": self.cfg.to_dict(),
@@ -168,37 +245,19 @@ class VllmFlashComm:
             "o_proj_layers": sorted(self.registered),
             "layer_bytes": next(iter(self.registered.values()), 0),
             "resident_o_proj_bytes": self.resident_o_proj_bytes(),
-            "shard_group": list(self.series.group.ranks) if self.series is not None else None,
-            "series": self.series.stats().to_dict() if self.series is not None else None,
+            "flashcomm2_min_tokens": self.min_tokens,
+            "auto": self.auto,
+            "exchange": self.exchange,
+            "o_proj_calls": self.o_proj_calls,
+            "o_proj_fc2_calls": self.o_proj_fc2_calls,
+            "shard_group": list(ring.group.ranks) if ring is not None else None,
+            "series": series,
         }
 
 
-def _check_plugin_limits(cfg: FlashCommConfig, vllm_config: Any, eager_mode: Any) -> None:
-    """What the plugin cannot do inside vLLM, as ConfigErrors naming the knob."""
-    if cfg.flashcomm1:
-        raise ConfigError(
-            "FLASHCOMM1=1 (knob flashcomm1): the vLLM plugin cannot run vLLM's own decoder "
-            "layers sequence-parallel (vLLM only offers that as a CUDA compile pass); unset "
-            "FLASHCOMM1 (FlashComm2 alone keeps vLLM's [T, H] layout) or use the flashcomm engine")
-    if any(name != "o_proj" for name in cfg.layer_sharding):
-        raise ConfigError(f"FLASHCOMM_LAYER_SHARDING={','.join(cfg.layer_sharding)}: the vLLM "
-                          "plugin shards only 'o_proj'")
-    if cfg.layer_sharding and not cfg.flashcomm2:
-        raise ConfigError("FLASHCOMM_LAYER_SHARDING=o_proj: the vLLM plugin shards the replicated "
-                          "FlashComm2 o_proj, so set FLASHCOMM2_PARALLEL_SIZE >= 1 as well")
-    if cfg.layer_sharding and cfg.dp > 1:
-        raise ConfigError(
-            f"FLASHCOMM_LAYER_SHARDING=o_proj with data_parallel_size={cfg.dp}: vLLM's DP "
-            "replicas of a dense model do not run forward passes in step, so a shard group "
-            "spanning them would hang; use data_parallel_size=1")
-    pc = vllm_config.parallel_config
-    for knob in ("prefill_context_parallel_size", "decode_context_parallel_size"):
-        if getattr(pc, knob, 1) != 1:
-            raise ConfigError(f"{knob}={getattr(pc, knob)}: the flashcomm vLLM plugin needs 1")
-    if cfg.flashcomm2 and vllm_config.compilation_config.mode != eager_mode:
-        raise ConfigError(
-            f"compilation mode {vllm_config.compilation_config.mode}: the flashcomm vLLM plugin "
-            "issues its collectives eagerly; start vLLM with enforce_eager=True")
-    if cfg.flashcomm2 and vllm_config.quant_config is not None:
-        raise ConfigError("quantization: the flashcomm vLLM plugin supports unquantized o_proj "
-                          "weights only")
+def choose_exchange(cfg: FlashCommConfig, cpu: bool) -> str:
+    """FlashComm2's exchange primitive (bench/vllm_collectives.py measures both on CPU)."""
+    if cpu and cfg.flashcomm2_otp == 1 and cfg.comm_dtype == "auto":
+        return "all_gather"  # vLLM's SHM all-gather beats gloo's all-to-all by far
+    return "all_to_all"
+

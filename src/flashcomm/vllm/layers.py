@@ -1,8 +1,9 @@
-"""vLLM layer classes registered out of tree: o_proj takes the FlashComm2 path, QKV prefetches.
+"""vLLM layer classes registered out of tree: o_proj calls flashcomm's o_proj op, QKV its prefetch.
 
 vLLM instantiates these in place of every RowParallelLinear / QKVParallelLinear. Only the
 attention o_proj and qkv_proj of the main model's layers (see VllmFlashComm) change; every other
-instance runs vLLM's own constructor and forward untouched.
+instance runs vLLM's own constructor and forward untouched. The forwards below are what vLLM's
+compiler traces once: they only call the custom ops (ops.py), which do the per-step work.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from vllm.model_executor.layers.linear import (
     UnquantizedLinearMethod,
 )
 
-from flashcomm.comm import flashcomm2_o_proj
+from flashcomm.vllm import ops
 from flashcomm.vllm.context import VllmFlashComm
 
 
@@ -70,9 +71,9 @@ class FlashCommRowParallelLinear(RowParallelLinear):
         self.otp_index = groups.tp.rank // odp  # odp block j holds input rows j*D/otp..
         self.quant_method = KeepWeightMethod()
         shape = (output_size, self.input_size_per_partition)  # [H, D/otp]
-        series = ctx.series
         # Non-owners of a sharded layer never allocate it: the loader skips a meta weight.
-        device = "meta" if series is not None and not series.owns(idx) else None
+        device = None if ctx.allocates(idx) else "meta"
+        self.layer_name = prefix  # the ops find this layer under it in vLLM's forward context
         self.weight = Parameter(torch.empty(shape, dtype=self.params_dtype, device=device),
                                 requires_grad=False)
         self.weight.weight_loader = self._load_weight
@@ -82,9 +83,7 @@ class FlashCommRowParallelLinear(RowParallelLinear):
             self.bias.weight_loader = self._load_bias
         else:
             self.register_parameter("bias", None)
-        if series is not None:
-            series.register(idx, self.weight.data)
-        ctx.register(idx, self.weight.numel() * self.weight.element_size())
+        ctx.register(idx, self.weight.data, prefix, self)
 
     def _load_weight(self, param: Parameter, loaded: torch.Tensor) -> None:
         """Copy this rank's otp slice of the checkpoint's full [H, D] weight (skip if meta)."""
@@ -105,23 +104,36 @@ class FlashCommRowParallelLinear(RowParallelLinear):
         """Same return value as RowParallelLinear.forward with reduce_results=True."""
         if self.flashcomm_layer is None:
             return super().forward(input_)
-        idx = self.flashcomm_layer
-        weight = self.ctx.series.wait(idx) if self.ctx.series is not None else self.weight
         x = input_.reshape(-1, input_.shape[-1])  # [T, D/N]
-        bias = None if self.skip_bias_add else self.bias
-        out = flashcomm2_o_proj(x, weight, bias, self.ctx.groups, flashcomm1=False,
-                                comm_dtype=self.ctx.cfg.comm_dtype)  # [T, H]
+        out = torch.ops.flashcomm.o_proj(x, self.output_size, self.layer_name)  # [T, H]
         out = out.reshape(*input_.shape[:-1], self.output_size)
         if not self.return_bias:
             return out
         return out, (self.bias if self.skip_bias_add else None)
+
+    def flashcomm_o_proj(self, x: torch.Tensor) -> torch.Tensor:
+        """Inside the o_proj op: x [T, D/N] -> [T, H] by FlashComm2 or, below the threshold,
+        by the row-parallel product on this rank's columns plus vLLM's all-reduce."""
+        ctx, idx = self.ctx, self.flashcomm_layer
+        full = ctx.step_takes_flashcomm2(x.shape[0], idx)
+        weight = ctx.weights.wait(idx, full)  # [H, D/otp] if full else [H, D/N]
+        bias = None if self.skip_bias_add else self.bias
+        if not full:
+            return ops.row_parallel(x, weight, bias, ctx.tp_coordinator())
+        return ops.flashcomm2(x, weight, bias, ctx.groups, ctx.tp_coordinator(),
+                              comm_dtype=ctx.cfg.comm_dtype, exchange=ctx.exchange)
+
+    def flashcomm_prefetch(self, num_tokens: int) -> None:
+        """Inside the prefetch op: start fetching this layer's weight for a T-token step."""
+        full = self.ctx.takes_flashcomm2(num_tokens)
+        self.ctx.weights.prefetch(self.flashcomm_layer, full)
 
     def extra_repr(self) -> str:
         """vLLM's repr plus the FlashComm facts."""
         s = super().extra_repr()
         if self.flashcomm_layer is not None:
             s += f", flashcomm2_otp={self.ctx.cfg.flashcomm2_otp}"
-            s += f", sharded={self.ctx.series is not None}"
+            s += f", source={type(self.ctx.weights).__name__}"
         return s
 
 
@@ -130,11 +142,13 @@ class FlashCommQKVParallelLinear(QKVParallelLinear):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.ctx = VllmFlashComm.of(get_current_vllm_config())
-        self.flashcomm_layer = self.ctx.qkv_index(self.prefix)
+        ctx = VllmFlashComm.of(get_current_vllm_config())
+        self.flashcomm_layer = ctx.qkv_index(self.prefix)
+        # the o_proj of the same attention block, as it registers itself (see ctx.register)
+        self.o_proj_name = self.prefix.rsplit(".", 1)[0] + ".o_proj"
 
     def forward(self, input_):
-        """Prefetch the o_proj of this layer (async broadcast), then vLLM's own forward."""
+        """Prefetch op for this layer's o_proj weight, then vLLM's own forward."""
         if self.flashcomm_layer is not None:
-            self.ctx.series.prefetch(self.flashcomm_layer)
+            torch.ops.flashcomm.prefetch(input_, self.o_proj_name)
         return super().forward(input_)

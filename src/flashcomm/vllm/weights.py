@@ -1,0 +1,107 @@
+"""Where the o_proj op finds layer i's W_o at a step: one interface, one class per weight source.
+
+The op decides the step's path from its token count T (see ops.py) and then asks the source:
+- `prefetch(i, full)` when layer i starts (its QKV), `full` = this step takes FlashComm2;
+- `wait(i, full)` in layer i's o_proj: `full` -> the FlashComm2 weight `[H, D/otp]` (the whole
+  W_o at otp = 1); not full -> this rank's own row-parallel columns `[H, D/N]` (a view).
+Every rank calls both in the same order with the same `full`, so ring collectives stay matched.
+
+Sources:
+- `ResidentWeights`: FlashComm2 without layer sharding; every layer's `[H, D/otp]` is resident,
+  the row-parallel path reads a column view of it. No traffic.
+- `OwnerRing`: O-Shard's owner source (`ShardedSeries`). A non-owner holds no slice of a layer,
+  so the ring turns on every step, row-parallel steps included: decode steps pay the broadcast.
+- `flashcomm.gathered.GatheredSeries` (shard_source=gather) has this interface as it is: resident
+  `[H, D/N]` slices, and an all-gather into the ring on FlashComm2 steps only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from flashcomm.sharding import ShardedSeries
+
+
+class OProjWeights(Protocol):
+    """The weight source of a model's attention o_proj series on one rank."""
+
+    def prefetch(self, layer_idx: int, full: bool = True) -> None:
+        """Layer i begins: start fetching what wait(i, full) will return (may do nothing)."""
+
+    def wait(self, layer_idx: int, full: bool = True) -> torch.Tensor:
+        """Layer i's `[H, D/otp]` weight (full) or this rank's `[H, D/N]` columns (not full)."""
+
+
+def own_columns(weight: torch.Tensor, offset: int, width: int) -> torch.Tensor:
+    """This rank's row-parallel columns `[H, D/N]` of a `[H, D/otp]` weight, as a view."""
+    return weight.narrow(1, offset, width)
+
+
+class ResidentWeights:
+    """Every layer's FlashComm2 weight stays resident; row-parallel steps read a column view."""
+
+    def __init__(self, offset: int, width: int) -> None:
+        """`offset`, `width`: this rank's D/N columns inside the `[H, D/otp]` weight."""
+        self.offset, self.width = offset, width
+        self.tensors: dict[int, torch.Tensor] = {}
+
+    def register(self, layer_idx: int, weight: torch.Tensor) -> None:
+        """Record layer i's resident `[H, D/otp]` weight (the parameter's storage)."""
+        if layer_idx in self.tensors:
+            raise ValueError(f"o_proj of layer {layer_idx} registered twice")
+        self.tensors[layer_idx] = weight
+
+    def finalize(self) -> None:
+        """Nothing to distribute: every rank loaded its own copy."""
+
+    def prefetch(self, layer_idx: int, full: bool = True) -> None:
+        """Nothing to fetch."""
+
+    def wait(self, layer_idx: int, full: bool = True) -> torch.Tensor:
+        """The resident weight, or a view of this rank's columns of it."""
+        w = self.tensors[layer_idx]
+        return w if full else own_columns(w, self.offset, self.width)
+
+    def resident_bytes(self) -> int:
+        """Bytes of every layer's weight."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def stats(self) -> dict[str, Any] | None:
+        """No ring, no counters."""
+        return None
+
+
+class OwnerRing:
+    """O-Shard's owner source: layer i lives on shard-group member i mod G and is broadcast into
+    the ring for every step; row-parallel steps slice their columns out of the fetched weight."""
+
+    def __init__(self, series: ShardedSeries, offset: int, width: int) -> None:
+        """`offset`, `width`: this rank's D/N columns inside the `[H, D/otp]` weight."""
+        self.series, self.offset, self.width = series, offset, width
+
+    def register(self, layer_idx: int, weight: torch.Tensor) -> None:
+        """Owners pass the real tensor, others a meta placeholder (see ShardedSeries)."""
+        self.series.register(layer_idx, weight)
+
+    def finalize(self) -> None:
+        """Collective: one broadcast per layer, then the ring (see ShardedSeries.finalize)."""
+        self.series.finalize()
+
+    def prefetch(self, layer_idx: int, full: bool = True) -> None:
+        """Broadcast layer i+k into the ring whatever the step: non-owners have no slice."""
+        self.series.prefetch(layer_idx)
+
+    def wait(self, layer_idx: int, full: bool = True) -> torch.Tensor:
+        """Layer i's fetched weight, or a view of this rank's columns of it."""
+        w = self.series.wait(layer_idx)
+        return w if full else own_columns(w, self.offset, self.width)
+
+    def resident_bytes(self) -> int:
+        """Owned layers plus the k+1 ring slots."""
+        return self.series.stats().resident_bytes
+
+    def stats(self) -> dict[str, Any] | None:
+        """The series counters (bytes moved, waits, blocked time)."""
+        return self.series.stats().to_dict()

@@ -46,8 +46,9 @@ def _handle(ranks: list[int]) -> GroupHandle | None:
     return GroupHandle(pg, tuple(ranks), ranks.index(me)) if me in ranks else None
 
 
-def _make(h: GroupHandle, name: str, start: int, L: int, k: int, n: int, dtype: torch.dtype,
-          sync: bool = False) -> tuple[GatheredSeries, list[torch.Tensor]]:
+def _make(h: GroupHandle | dist.ProcessGroup | None, name: str, start: int, L: int, k: int,
+          n: int, dtype: torch.dtype, sync: bool = False
+          ) -> tuple[GatheredSeries, list[torch.Tensor]]:
     """A finalized series whose rank t holds columns t*DN.. of each layer (t = TP rank)."""
     t = dist.get_rank() % n
     s = GatheredSeries(name, h, k, sync=sync, layers=range(start, start + L))
@@ -63,12 +64,13 @@ def _make(h: GroupHandle, name: str, start: int, L: int, k: int, n: int, dtype: 
     return s, seen
 
 
-def _check_case(h: GroupHandle, n: int, start: int, L: int, k: int, dtype: torch.dtype,
-                sync: bool) -> list[str]:
+def _check_case(group: GroupHandle | dist.ProcessGroup | None, n: int, start: int, L: int,
+                k: int, dtype: torch.dtype, sync: bool) -> list[str]:
     """One series through finalize and the mixed SCHEDULE; returns failure descriptions."""
+    h = GroupHandle.of(group)
     G, t = h.size, dist.get_rank() % n
     tag = f"N={n} G={G} rank={dist.get_rank()} L={L} start={start} k={k} {dtype} sync={sync}"
-    s, seen = _make(h, f"c{L}.{start}.{k}", start, L, k, n, dtype, sync)
+    s, seen = _make(group, f"c{L}.{start}.{k}", start, L, k, n, dtype, sync)
     layers = range(start, start + L)
     bad: list[str] = []
     if [x.shape for x in seen] != [(H, DN)] * L:
@@ -107,8 +109,8 @@ def _check_case(h: GroupHandle, n: int, start: int, L: int, k: int, dtype: torch
     return bad
 
 
-def _sweep(h: GroupHandle, n: int) -> tuple[int, list[str]]:
-    """Every L in 2..5, start in STARTS and k in 0..L-2 on one gather group."""
+def _sweep(h: GroupHandle | dist.ProcessGroup | None, n: int) -> tuple[int, list[str]]:
+    """Every L in 2..5, start in STARTS and k in 0..L-2 on one gather group (any spelling)."""
     count, bad = 0, []
     for L in range(2, 6):
         for start in STARTS:
@@ -192,12 +194,11 @@ def _parallel_groups(rank: int, world: int) -> list[str]:
 def _world_worker(rank: int, world: int) -> dict[str, object]:
     full = _handle(list(range(world)))
     assert full is not None
-    sweeps = {f"N={world} otp=1": _sweep(full, world)}
-    if world == 4:  # otp = 2: two odp groups of 2 gather their [H, D/2] concurrently
-        pairs = [_handle([0, 1]), _handle([2, 3])]
-        pair = pairs[rank // 2]
-        assert pair is not None
-        sweeps["N=4 otp=2"] = _sweep(pair, world)
+    sweeps = {f"N={world} otp=1": _sweep(full, world),
+              f"N={world} otp=1, None = the world": _sweep(None, world)}
+    if world == 4:  # otp = 2: two odp groups of 2 (plain torch groups) gather concurrently
+        pairs = [dist.new_group(r, timeout=timedelta(seconds=30)) for r in ([0, 1], [2, 3])]
+        sweeps["N=4 otp=2"] = _sweep(pairs[rank // 2], world)
     return {"sweeps": sweeps, "groups": _parallel_groups(rank, world),
             "misuse": _misuse(full, world)}
 

@@ -52,15 +52,16 @@ class GatheredSeries:
     def __init__(
         self,
         name: str,
-        group: GroupHandle,
+        group: GroupHandle | dist.ProcessGroup | None,
         prefetch_step: int,
         *,
         sync: bool = False,
         layers: range | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        """`group`: the G ranks whose slices make up the gathered weight, in column order;
-        `layers`, if given, is the exact index range this stage must register."""
+        """`group`: the G ranks whose slices make up the gathered weight, in column order (our
+        GroupHandle, a plain torch ProcessGroup or None = the world); `layers`, if given, is the
+        exact index range this stage must register."""
         if not isinstance(prefetch_step, int) or prefetch_step < 0:
             raise ValueError(f"series {name!r}: prefetch_step={prefetch_step!r} must be an "
                              f"int >= 0")
@@ -69,7 +70,8 @@ class GatheredSeries:
                 raise ValueError(f"series {name!r}: layers={layers} must be a non-empty range "
                                  f"of consecutive indices >= 0")
             _check_k(prefetch_step, len(layers), name)
-        self.name, self.group, self.k, self.sync = name, group, prefetch_step, sync
+        self.name, self.k, self.sync = name, prefetch_step, sync
+        self.group = GroupHandle.of(group)
         self._layers = layers
         self._device = None if device is None else torch.device(device)
         self._registered: dict[int, torch.Tensor] = {}

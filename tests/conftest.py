@@ -46,12 +46,8 @@ def hf_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def prefill_logits(engine, prompts: list[list[int]]) -> torch.Tensor:
     """[T, V] logits of every prompt token of `engine`'s model in one varlen step."""
-    from flashcomm.models.transformer import KVCache, Step
-
     m = engine.model
-    step = Step.build([0] * len(prompts), [len(p) for p in prompts], torch.device("cpu"),
-                      last_only=False)
-    cache = KVCache.allocate(m.args.n_layers, len(prompts), 16, m.plan.n_kv, m.args.head_dim,
-                             torch.float32, torch.device("cpu"))
+    step = m.step([0] * len(prompts), [len(p) for p in prompts], last_only=False)
+    cache = m.allocate_cache(len(prompts), 16)
     with torch.no_grad():
         return m(torch.tensor([t for p in prompts for t in p]), step, cache)

@@ -66,7 +66,9 @@ class ShardSource(StrEnum):
 
 AUTO = "auto"
 """flashcomm2_min_tokens=auto: the threshold comes from the cost model at start-up."""
-MinTokens = int | Literal["auto"]
+MinTokens = int | Literal["auto"] | None
+"""flashcomm2_min_tokens: a threshold, 'auto', or None (FlashComm2 never: what 'auto' resolves to
+when the cost model finds no crossover)."""
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,9 @@ def _enum(cls: type[StrEnum]) -> Callable[[str, Any], StrEnum]:
 
 
 def parse_min_tokens(knob: str, value: Any) -> MinTokens:
-    """An int >= 0 or 'auto'."""
+    """An int >= 0, 'auto', or None (never; only from Python or JSON null)."""
+    if value is None:
+        return None
     if isinstance(value, str) and value.strip().lower() == AUTO:
         return AUTO
     n = parse_int(knob, value)
@@ -258,6 +262,15 @@ class FlashCommConfig:
             return AttnOut.ALLREDUCE
         return AttnOut.AUTO if self.flashcomm2_min_tokens == AUTO else AttnOut.FLASHCOMM2
 
+    def flashcomm2_step(self, num_tokens: int) -> bool:
+        """Whether a step of `num_tokens` tokens takes FlashComm2 (else the row-parallel o_proj
+        and its all-reduce); 'auto' must have been resolved to a threshold first."""
+        mt = self.flashcomm2_min_tokens
+        if mt == AUTO:
+            raise ConfigError("flashcomm2_min_tokens='auto': resolve it to a threshold before "
+                              "running a step (flashcomm.plan.auto.resolve_auto)")
+        return self.flashcomm2 and mt is not None and num_tokens >= mt
+
     @property
     def gather_source(self) -> bool:
         """Whether the layer-sharded o_proj series all-gathers resident TP slices."""
@@ -283,12 +296,12 @@ class FlashCommConfig:
             if otp >= self.tp:
                 raise ConfigError(
                     f"flashcomm2_otp={otp}: must be smaller than tp={self.tp} "
-                    f"(allowed: {_divisors_below(self.tp) or 'none, tp must be >= 2'})"
+                    f"(allowed: {divisors_below(self.tp) or 'none, tp must be >= 2'})"
                 )
             if self.tp % otp:
                 raise ConfigError(
                     f"flashcomm2_otp={otp}: must divide tp={self.tp} "
-                    f"(allowed: {_divisors_below(self.tp)})"
+                    f"(allowed: {divisors_below(self.tp)})"
                 )
         if self.flashcomm2_min_tokens != 0 and otp == 0:
             raise ConfigError(
@@ -430,5 +443,31 @@ class FlashCommConfig:
         return cls.from_mapping({k: v for k, v in flags.items() if v is not None}, cfg)
 
 
-def _divisors_below(n: int) -> list[int]:
+def divisors_below(n: int) -> list[int]:
+    """The divisors of n below n: the flashcomm2_otp values allowed at tp = n."""
     return [d for d in range(1, n) if n % d == 0]
+
+
+def strategy_config(cfg: FlashCommConfig, attn_out: str | None, nproc: int) -> FlashCommConfig:
+    """Merge an attn_out choice (--attn-out) into the knobs, for `nproc` TP ranks of one stage
+    and one replica: flashcomm2 and auto imply otp >= 1, auto sets flashcomm2_min_tokens."""
+    if attn_out is not None:
+        attn_out = _enum(AttnOut)("attn_out", attn_out)
+    if nproc < 1:
+        raise ConfigError(f"nproc={nproc}: must be >= 1")
+    if attn_out in (AttnOut.FLASHCOMM2, AttnOut.AUTO) and cfg.flashcomm2_otp == 0:
+        cfg = replace(cfg, flashcomm2_otp=1)
+    if attn_out == AttnOut.AUTO:
+        if cfg.flashcomm2_min_tokens not in (0, AUTO):
+            raise ConfigError(
+                f"flashcomm2_min_tokens={cfg.flashcomm2_min_tokens!r} (--flashcomm2-min-tokens / "
+                "FLASHCOMM2_MIN_TOKENS) with attn_out='auto': auto chooses the threshold itself; "
+                "pass one or the other")
+        cfg = replace(cfg, flashcomm2_min_tokens=AUTO)
+    if attn_out == AttnOut.ALLREDUCE and cfg.flashcomm2_otp > 0:
+        raise ConfigError(
+            f"attn_out='allreduce' with flashcomm2_otp={cfg.flashcomm2_otp}: --otp > 0 means "
+            "FlashComm2; use --attn-out flashcomm2 or drop --otp")
+    if nproc == 1 and (cfg.flashcomm2 or cfg.layer_sharding or cfg.flashcomm1):
+        raise ConfigError("nproc=1: FlashComm and layer sharding need nproc >= 2")
+    return replace(cfg, tp=nproc, pp=1, dp=1).validate(world=nproc)

@@ -7,61 +7,50 @@ every (strategy, checkpoint) pair.
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
-from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import PROMPTS, prefill_logits
 
 from flashcomm.config import FlashCommConfig
+from flashcomm.groups import ParallelGroups
 from flashcomm.layout import ParallelLayout
 from flashcomm.models.engine import Engine
 from flashcomm.models.transformer import ModelArgs
+from flashcomm.plan.costmodel import counted_bytes, step_calls
+from flashcomm.plan.planner import model_shape
+from flashcomm.plan.strategy import Strategy
 
 CKPTS = ("llama", "qwen2", "qwen3")
 NEW_TOKENS = 32
 
 
-def strategies(n: int) -> dict[str, tuple[FlashCommConfig, int]]:
-    """name -> (knobs, flashcomm2_min_tokens)."""
-    base = FlashCommConfig(tp=n)
-    fc2 = replace(base, flashcomm2_otp=1)
-    shard = ("o_proj",)
-    rows = {
-        "allreduce": (base, 0),
-        "allreduce+fc1": (replace(base, flashcomm1=True), 0),
-        "fc2": (fc2, 0),
-        "fc2+fc1": (replace(fc2, flashcomm1=True), 0),
-        "fc2+oshard k0": (replace(fc2, layer_sharding=shard, prefetch_step=0), 0),
-        "fc2+fc1+oshard k1": (replace(fc2, flashcomm1=True, layer_sharding=shard), 0),
-        "fc2 prefill-only": (fc2, 4),  # decode steps (T = 3) fall back to row-parallel
-        "fc2 int8": (replace(fc2, comm_dtype="int8"), 0),  # lossy: logits close, not exact
-    }
+def strategies(n: int) -> dict[str, FlashCommConfig]:
+    """label (with the sizes) -> knobs, every strategy the engine runs at TP = n."""
+    fc2 = Strategy("flashcomm2", 1)
+    rows = [Strategy(), Strategy(flashcomm1=True), fc2,
+            Strategy("flashcomm2", 1, flashcomm1=True),
+            Strategy("flashcomm2", 1, oshard_k=0),
+            Strategy("flashcomm2", 1, flashcomm1=True, oshard_k=1),
+            Strategy("flashcomm2", 1, min_tokens=4),  # decode steps (T = 3) take the all-reduce
+            Strategy("flashcomm2", 1, comm_dtype="int8")]  # lossy: logits close, not exact
+    cfgs = [s.to_config(n) for s in rows]
     if n == 4:
-        otp2 = replace(base, flashcomm2_otp=2)
-        rows["otp2"] = (otp2, 0)
-        rows["otp2+fc1+oshard k1"] = (replace(otp2, flashcomm1=True, layer_sharding=shard), 0)
+        cfgs += [Strategy("flashcomm2", 2).to_config(4),
+                 Strategy("flashcomm2", 2, flashcomm1=True, oshard_k=1).to_config(4)]
         # two TP=2 replicas: the shard group spans the replicas (plain TP needs dp > 1)
-        dp2 = FlashCommConfig(tp=2, dp=2, layer_sharding=shard)
-        rows["dp2 allreduce+oshard"] = (dp2, 0)
-        rows["dp2 fc2+oshard k0"] = (replace(dp2, flashcomm2_otp=1, prefetch_step=0), 0)
-    return rows
+        cfgs += [Strategy(oshard_k=1).to_config(2, dp=2),
+                 Strategy("flashcomm2", 1, oshard_k=0).to_config(2, dp=2)]
+    return {f"{Strategy.from_config(c).label} tp={c.tp} dp={c.dp}": c for c in cfgs}
 
 
 def _strategies_worker(rank: int, world: int, ckpts: dict[str, str]) -> dict:
-    from flashcomm.groups import ParallelGroups
-
     out = {}
-    for name, (cfg, min_tokens) in strategies(world).items():
-        groups = ParallelGroups.build(ParallelLayout.from_config(cfg, world), cfg.layer_sharding)
+    for name, cfg in strategies(world).items():
+        groups = ParallelGroups.from_config(cfg, world)
         for ck, path in ckpts.items():
-            engine = Engine.from_checkpoint(path, cfg, groups, progress=False,
-                                            flashcomm2_min_tokens=min_tokens)
+            engine = Engine.from_checkpoint(path, cfg, groups, progress=False)
             logits = prefill_logits(engine, PROMPTS)
             res = engine.generate(PROMPTS, NEW_TOKENS)
             out[name, ck] = {"logits": logits, "tokens": res.tokens,
@@ -94,23 +83,15 @@ def expected_o_proj_bytes(cfg: FlashCommConfig, args: ModelArgs, rank: int) -> i
     return (owned + cfg.prefetch_step + 1) * w
 
 
-def predicted_comm_bytes(cfg: FlashCommConfig, args: ModelArgs, min_tokens: int) -> int:
-    """What the cost model says generate() sends per rank: every step's layer_traffic, plus
-    FlashComm1's final all-gather before the LM head."""
-    from flashcomm.plan.costmodel import Shape, layer_traffic
-    from flashcomm.plan.costmodel import Strategy as CostStrategy
-
-    n = cfg.tp
-    shape = Shape(hidden=args.dim, q_dim=args.q_dim, tp=n, elt_bytes=4)
-    total = 0.0
+def predicted_comm_bytes(cfg: FlashCommConfig, args: ModelArgs) -> dict[str, int]:
+    """What the cost model says generate() sends per rank, by CommCounter key: every step's
+    calls on the path that step takes (prefill, then NEW_TOKENS - 1 decode steps)."""
+    s, shape = Strategy.from_config(cfg), model_shape(args, cfg.tp, 4)
+    total: dict[str, int] = {}
     for t in [sum(map(len, PROMPTS))] + [len(PROMPTS)] * (NEW_TOKENS - 1):
-        fc2 = cfg.flashcomm2 and t >= min_tokens
-        s = CostStrategy("flashcomm2" if fc2 else "allreduce", cfg.flashcomm2_otp,
-                         cfg.flashcomm1, cfg.comm_dtype)
-        total += args.n_layers * sum(b for _, _, b in layer_traffic(s, shape, t))
-        if cfg.flashcomm1:
-            total += (n - 1) * -(-t // n) * args.dim * 4
-    return round(total)
+        for key, b in counted_bytes(step_calls(s.path(t), shape, t)).items():
+            total[key] = total.get(key, 0) + b
+    return total
 
 
 @pytest.mark.parametrize("n", [2, 4])
@@ -119,7 +100,7 @@ def test_every_strategy_matches_the_single_process_model(hf_checkpoints, referen
 
     ckpts = {ck: str(hf_checkpoints[ck]) for ck in CKPTS}
     per_rank = run_local(_strategies_worker, n, ckpts, timeout_s=400, group_timeout_s=120)
-    for name, (cfg, min_tokens) in strategies(n).items():
+    for name, cfg in strategies(n).items():
         for ck in CKPTS:
             ref_logits, ref_tokens = references[ck]
             args = ModelArgs.from_dir(hf_checkpoints[ck])
@@ -127,8 +108,7 @@ def test_every_strategy_matches_the_single_process_model(hf_checkpoints, referen
                 got = out[name, ck]
                 where = f"{name} {ck} rank {rank}"
                 # the cost model's bytes are the bytes the engine really counted
-                assert sum(got["comm"].values()) == predicted_comm_bytes(cfg, args, min_tokens), (
-                    where, got["comm"])
+                assert got["comm"] == predicted_comm_bytes(cfg, args), where
                 if cfg.comm_dtype == "int8":  # per-row int8 payload: about 1% error
                     err = (got["logits"] - ref_logits).abs().max() / ref_logits.abs().max()
                     assert 0 < err < 0.05, (where, err)
@@ -144,73 +124,8 @@ def test_every_strategy_matches_the_single_process_model(hf_checkpoints, referen
                     owned = {i for i in range(args.n_layers)
                              if i % len(members) == members.index(rank)}
                     assert read == owned, where
-                if cfg.flashcomm2 and name != "fc2 prefill-only":
+                if cfg.flashcomm2 and cfg.flashcomm2_min_tokens == 0:
                     assert got["comm"].get("all_to_all", 0) > 0, where
-
-
-def test_run_cli_json(hf_checkpoints, references) -> None:
-    path = hf_checkpoints["qwen2"]
-    ids = [",".join(map(str, p)) for p in PROMPTS]
-    out = subprocess.run(
-        [sys.executable, "-m", "flashcomm.cli", "run", "--model", str(path), "--nproc", "2",
-         "--attn-out", "flashcomm2", "--layer-sharding", "o_proj", "--prefetch-step", "1",
-         "--flashcomm1", "--token-ids", *ids, "--max-new-tokens", str(NEW_TOKENS), "--json"],
-        capture_output=True, text=True, timeout=240,
-    )
-    assert out.returncode == 0, out.stderr
-    d = json.loads(out.stdout)
-    assert d["tokens"] == references["qwen2"][1]
-    assert d["text"] is None  # transformers' save_pretrained wrote no tokenizer.json
-    assert d["prefill_ms"] > 0 and d["decode_ms_per_token"] > 0
-    cfg = FlashCommConfig(tp=2, flashcomm2_otp=1, flashcomm1=True, layer_sharding=("o_proj",))
-    args = ModelArgs.from_dir(path)
-    for rank, r in enumerate(d["ranks"]):
-        assert r["o_proj_bytes"] == expected_o_proj_bytes(cfg, args, rank)
-        assert r["weight_bytes"] > r["o_proj_bytes"] and r["comm_bytes"] > 0
-        assert r["blocked_wait_ms"] >= 0
-
-
-def test_run_cli_attn_out_auto(hf_checkpoints, references) -> None:
-    from flashcomm.cli.run import auto_min_tokens
-    from flashcomm.plan.costmodel import HardwareProfile
-
-    path = hf_checkpoints["qwen2"]
-    ids = [",".join(map(str, p)) for p in PROMPTS]
-    out = subprocess.run(
-        [sys.executable, "-m", "flashcomm.cli", "run", "--model", str(path), "--nproc", "2",
-         "--attn-out", "auto", "--profile", "pcie-gen4", "--token-ids", *ids,
-         "--max-new-tokens", str(NEW_TOKENS), "--json"],
-        capture_output=True, text=True, timeout=240,
-    )
-    assert out.returncode == 0, out.stderr
-    d = json.loads(out.stdout)
-    assert d["tokens"] == references["qwen2"][1]
-    cfg = FlashCommConfig(tp=2, flashcomm2_otp=1)
-    args = ModelArgs.from_dir(path)
-    want = auto_min_tokens(args, cfg, HardwareProfile.load("pcie-gen4"), 4)
-    assert d["auto"]["flashcomm2_min_tokens"] == want
-    for rank, r in enumerate(d["ranks"]):  # both paths share FlashComm2's one resident W_o
-        assert r["o_proj_bytes"] == expected_o_proj_bytes(cfg, args, rank)
-
-
-def _tiny_checkpoint(tmp_path) -> Path:
-    from flashcomm.models.random_checkpoint import small_llama_config, write_checkpoint
-
-    return write_checkpoint(tmp_path / "ck", small_llama_config(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-        head_dim=16))
-
-
-def test_demo_prints_identical_rows(tmp_path) -> None:
-    ckpt = _tiny_checkpoint(tmp_path)
-    out = subprocess.run(
-        [sys.executable, "-m", "flashcomm.cli", "demo", "--model", str(ckpt), "--nproc", "4",
-         "--max-new-tokens", "4"],
-        capture_output=True, text=True, timeout=240,
-    )
-    assert out.returncode == 0, out.stderr
-    rows = [line for line in out.stdout.splitlines() if line.startswith(("allreduce", "flash"))]
-    assert len(rows) == 5 and all("identical" in r for r in rows), out.stdout
 
 
 def test_sampling_is_seeded_and_eos_stops(hf_checkpoints, references) -> None:
@@ -226,31 +141,3 @@ def test_sampling_is_seeded_and_eos_stops(hf_checkpoints, references) -> None:
         assert got == full[:len(got)] and (len(got) == NEW_TOKENS or got[-1] in full)
 
 
-def test_run_cli_text_prompts_single_process(tmp_path) -> None:
-    from flashcomm.models.random_checkpoint import small_llama_config, write_checkpoint
-
-    ckpt = write_checkpoint(tmp_path / "ck", small_llama_config(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        head_dim=16))
-    out = subprocess.run(
-        [sys.executable, "-m", "flashcomm.cli", "run", "--model", str(ckpt), "--prompt",
-         "Hello", "naïve café", "--max-new-tokens", "5", "--json"],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
-    d = json.loads(out.stdout)
-    engine = Engine.from_checkpoint(ckpt, FlashCommConfig(), progress=False)
-    ids = engine.encode(["Hello", "naïve café"])
-    assert ids[0] == list(b"Hello") and ids[1] == list("naïve café".encode())
-    ref = engine.generate(ids, 5)
-    assert d["tokens"] == ref.tokens and d["text"] == ref.text and len(d["ranks"]) == 1
-
-
-def test_run_cli_rejects_conflicting_auto_threshold(tmp_path) -> None:
-    ckpt = _tiny_checkpoint(tmp_path)
-    out = subprocess.run(
-        [sys.executable, "-m", "flashcomm.cli", "run", "--model", str(ckpt), "--nproc", "2",
-         "--attn-out", "auto", "--flashcomm2-min-tokens", "5", "--token-ids", "1,2"],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert out.returncode == 2 and "--flashcomm2-min-tokens=5" in out.stderr, out.stderr

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import HF_MODELS, PROMPTS, prefill_logits
 
-from flashcomm.config import FlashCommConfig
+from flashcomm.config import ConfigError, FlashCommConfig
 from flashcomm.models.engine import Engine
 from flashcomm.models.transformer import CheckpointError, ModelArgs, Step, TPPlan, rope_inv_freq
 
@@ -84,10 +84,10 @@ def test_tp_plan_replicates_kv_heads_for_the_q_heads_each_rank_has() -> None:
         (0, 32), (0, 32), (32, 64), (32, 64)]
     assert TPPlan.build(args, 4, 3, otp=1).o_cols == (0, 64)
     assert TPPlan.build(args, 4, 3).o_cols == (48, 64)
-    with pytest.raises(CheckpointError, match="num_attention_heads=8"):
+    with pytest.raises(ConfigError, match=r"tp=3 \(--nproc\): .* tp in \[1, 2, 4, 8\]"):
         TPPlan.build(args, 3, 0)
     odd = ModelArgs(**{**args.__dict__, "n_heads": 12, "n_kv_heads": 4, "intermediate_size": 36})
-    with pytest.raises(CheckpointError, match="num_key_value_heads=4"):
+    with pytest.raises(ConfigError, match=r"tp=6 .* tp in \[1, 2, 4, 12\] .*num_key_value_heads=4"):
         TPPlan.build(odd, 6, 0)
 
 
@@ -101,3 +101,19 @@ def test_varlen_step_metadata() -> None:
     assert mask[0, 0, 0].tolist() == [True] * 5
     assert mask[1, 0, 1].tolist() == [True, True, False, False, False]
     assert step.mask(2)[1, 0, 2].tolist() == [False, True, True, False, False]
+
+
+def test_model_step_builds_rope_and_masks_once(hf_checkpoints) -> None:
+    model = Engine.from_checkpoint(hf_checkpoints["mistral"], FlashCommConfig(),
+                                   progress=False).model
+    step = model.step([4, 0], [1, 3])
+    inv = rope_inv_freq(model.args)
+    angles = step.pos[:, None].float() * inv[None, :]  # [T, hd/2]
+    torch.testing.assert_close(step.cos, torch.cat((angles, angles), -1).cos())
+    assert step.cos.shape == step.sin.shape == (4, model.args.head_dim)
+    assert set(step.masks) == {5}  # Mistral: one window on every layer
+    assert step.mask(5) is step.masks[5]  # every layer reads the one built with the step
+    assert torch.equal(step.masks[5], Step.build([4, 0], [1, 3], torch.device("cpu")).mask(5))
+    with pytest.raises(ValueError, match="Transformer.step"):
+        model(torch.tensor([1, 2, 3, 4]), Step.build([4, 0], [1, 3], torch.device("cpu")),
+              model.allocate_cache(2, 8))

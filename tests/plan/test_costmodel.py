@@ -8,31 +8,47 @@ import pytest
 
 from flashcomm.plan.costmodel import (
     OPS,
+    Call,
     HardwareProfile,
     OpCost,
     Shape,
-    Strategy,
-    attn_out_traffic,
+    attn_out_calls,
     comm_time,
+    counted_bytes,
     crossover_tokens,
+    exposed_fetch_s,
+    fetch_call,
     fit_op,
-    layer_traffic,
+    layer_calls,
+    step_calls,
 )
+from flashcomm.plan.strategy import Strategy
 
 FC2 = Strategy("flashcomm2", otp=1)
 
 
 def test_allreduce_layer_moves_two_all_reduces() -> None:
     shape = Shape(hidden=64, q_dim=96, tp=4, elt_bytes=4)
-    ops = layer_traffic(Strategy(), shape, 10)  # counted at T_pad = 12, as CommCounter does
-    assert ops == [("all_reduce", 4, 2 * 3 / 4 * 12 * 64 * 4)] * 2
+    calls = layer_calls(Strategy(), shape, 10)  # counted at T_pad = 12, as CommCounter does
+    assert calls == [Call("all_reduce", 4, (("all_reduce", 2 * 3 * 3 * 64 * 4),))] * 2
 
 
 def test_flashcomm1_same_bytes_as_allreduce_when_tokens_divide() -> None:
     shape = Shape(hidden=64, q_dim=96, tp=4, elt_bytes=2)
-    ar = sum(b for _, _, b in layer_traffic(Strategy(), shape, 12))
-    fc1 = sum(b for _, _, b in layer_traffic(Strategy(flashcomm1=True), shape, 12))
-    assert ar == fc1
+    ar = counted_bytes(layer_calls(Strategy(), shape, 12))
+    fc1 = counted_bytes(layer_calls(Strategy(flashcomm1=True), shape, 12))
+    assert sum(ar.values()) == sum(fc1.values())
+    assert fc1["reduce_scatter"] == fc1["all_gather"] == ar["all_reduce"] // 2
+
+
+def test_step_adds_flashcomm1_final_all_gather_and_auto_takes_its_path() -> None:
+    shape = Shape(hidden=64, q_dim=96, tp=4, elt_bytes=4, layers=3)
+    fc1 = Strategy("flashcomm2", 1, flashcomm1=True)
+    assert step_calls(fc1, shape, 7) == 3 * layer_calls(fc1, shape, 7) + [
+        Call("all_gather", 4, (("all_gather", 3 * 2 * 64 * 4),))]
+    auto = Strategy("auto", 1)
+    assert auto.path(5, 6) == Strategy() and auto.path(6, 6) == FC2
+    assert auto.path(10**6, None) == Strategy()  # no crossover: all-reduce every step
 
 
 @pytest.mark.parametrize("n, otp", [(2, 1), (4, 1), (4, 2), (8, 2), (8, 4)])
@@ -41,19 +57,23 @@ def test_flashcomm2_exchange_is_small_against_the_reduce_scatter(n: int, otp: in
     shape = Shape(hidden=h, q_dim=d, tp=n, elt_bytes=2)
     rs = (n - 1) / n * t * h * 2
     odp = n // otp
-    ops = dict((op, b) for op, _, b in attn_out_traffic(Strategy("flashcomm2", otp), shape, t))
+    calls = attn_out_calls(Strategy("flashcomm2", otp), shape, t)
+    ops = counted_bytes(calls)
     assert ops["all_to_all"] == (odp - 1) / odp * t * d / n * 2
     assert ops["all_to_all"] <= (1 / n) * (d / h) * rs
+    assert [(c.op, c.group) for c in calls] == [("all_to_all", odp)] + (
+        [("reduce_scatter", otp)] if otp > 1 else []) + [("all_gather", n)]
     if otp > 1:
-        assert ops["reduce_scatter"] == (otp - 1) / n * t * h * 2
-    int8 = dict((op, b) for op, _, b in
-                attn_out_traffic(Strategy("flashcomm2", otp, comm_dtype="int8"), shape, t))
-    scales = (odp - 1) / odp * t * 4
-    assert int8["all_to_all"] - scales == ops["all_to_all"] / 2  # a quarter of fp32's
+        assert ops["otp_reduce_scatter"] == (otp - 1) / n * t * h * 2
+    int8_calls = attn_out_calls(Strategy("flashcomm2", otp, comm_dtype="int8"), shape, t)
+    int8 = counted_bytes(int8_calls)
+    assert int8["all_to_all_scales"] == (odp - 1) / odp * t * 4
+    assert int8["all_to_all"] == ops["all_to_all"] / 2  # one byte per element instead of two
+    assert len(int8_calls) == len(calls)  # payload and scales travel as one message
 
 
 def test_tp1_has_no_traffic() -> None:
-    assert layer_traffic(FC2, Shape(64, 64, 1), 100) == []
+    assert layer_calls(FC2, Shape(64, 64, 1), 100) == []
 
 
 def test_fit_recovers_alpha_and_bandwidth() -> None:
@@ -75,7 +95,7 @@ def test_crossover_separates_losing_and_winning_token_counts() -> None:
     assert t is not None and t > 1
 
     def cost(s: Strategy, n: int) -> float:
-        return comm_time(prof, layer_traffic(s, shape, n))
+        return comm_time(prof, layer_calls(s, shape, n))
 
     assert cost(FC2, t) < cost(Strategy(), t)
     assert cost(FC2, t - 1) >= cost(Strategy(), t - 1)
@@ -104,3 +124,18 @@ def test_profiles_load_round_trip_and_reject_bad_input(tmp_path) -> None:
     with pytest.raises(ValueError, match="unknown op"):
         HardwareProfile.from_dict({"name": "x", "matmul_flops_per_s": 1,
                                    "ops": {"allreduce": {"alpha_s": 0, "bytes_per_s": 1}}})
+
+
+def test_fetch_of_a_layer_sharded_w_o_by_source() -> None:
+    shape = Shape(hidden=64, q_dim=128, tp=4, elt_bytes=2, layers=4, head_dim=32, kv_heads=2,
+                  intermediate=256)
+    owner = Strategy("flashcomm2", 2, oshard_k=1)
+    gather = Strategy("flashcomm2", 2, oshard_k=1, shard_source="gather")
+    # owner: the whole [H, D/otp] slice from its owner; gather: odp-1 resident [H, D/N] slices
+    assert fetch_call(owner, shape) == Call("broadcast", 2, (("fetch", 64 * 64 * 2),))
+    assert fetch_call(gather, shape) == Call("all_gather", 2, (("fetch", 1 * 64 * 32 * 2),))
+    assert fetch_call(FC2, shape) is None and exposed_fetch_s(
+        HardwareProfile.load("pcie-gen4"), FC2, shape, 100) == 0.0
+    slow = HardwareProfile("slow", {op: OpCost(1.0, 1.0) for op in OPS}, 1e15)
+    assert exposed_fetch_s(slow, owner, shape, 10) == pytest.approx(4 * (1.0 + 64 * 64 * 2),
+                                                                    rel=1e-6)

@@ -31,13 +31,16 @@ def test_o_proj_memory_follows_the_design_formulas() -> None:
     rows = {r["strategy"]: r for r in plan["strategies"]}
     w = 8192 * 8192 * 2  # |W_o| in bf16
     assert rows["allreduce"]["o_proj_bytes"] == 80 * w // 8
-    assert rows["flashcomm2(otp=1)"]["o_proj_bytes"] == 80 * w
-    assert rows["flashcomm2(otp=2)"]["o_proj_bytes"] == 80 * w // 2
+    assert rows["fc2"]["o_proj_bytes"] == rows["auto"]["o_proj_bytes"] == 80 * w
+    assert rows["fc2(otp=2)"]["o_proj_bytes"] == 80 * w // 2
     for k in (0, 1, 2):
-        assert rows[f"flashcomm2(otp=1)+oshard(k={k})"]["o_proj_bytes"] == (
-            math.ceil(80 / 8) + k + 1) * w
-        assert rows[f"flashcomm2(otp=2)+oshard(k={k})"]["o_proj_bytes"] == (
+        assert rows[f"fc2+oshard(k={k})"]["o_proj_bytes"] == (math.ceil(80 / 8) + k + 1) * w
+        assert rows[f"fc2(otp=2)+oshard(k={k})"]["o_proj_bytes"] == (
             math.ceil(80 / 4) + k + 1) * w // 2
+        # gather: every rank keeps its D/N slice resident (L|W|/odp) plus the k+1 ring
+        assert rows[f"fc2+gather(k={k})"]["o_proj_bytes"] == 80 * w // 8 + (k + 1) * w
+        assert rows[f"fc2(otp=2)+gather(k={k})"]["o_proj_bytes"] == (
+            80 * w // 2 // 4 + (k + 1) * w // 2)
 
 
 def test_recommendation_respects_the_budget_and_flashcomm2_wins_prefill() -> None:
@@ -46,10 +49,14 @@ def test_recommendation_respects_the_budget_and_flashcomm2_wins_prefill() -> Non
     rows = {r["strategy"]: r for r in plan["strategies"]}
     best = rows[plan["recommendation"]["strategy"]]
     assert best["fits_budget"] and best["weight_bytes"] <= 24 * GIB
-    assert not rows["flashcomm2(otp=1)"]["fits_budget"]  # 10 GiB of replicated o_proj
-    assert rows["flashcomm2(otp=1)"]["prefill_comm_s"] < rows["allreduce"]["prefill_comm_s"]
-    cross = rows["flashcomm2(otp=1)"]["crossover_tokens"]
+    assert not rows["fc2"]["fits_budget"]  # 10 GiB of replicated o_proj
+    assert rows["fc2"]["prefill_comm_s"] < rows["allreduce"]["prefill_comm_s"]
+    cross = rows["fc2"]["crossover_tokens"]
     assert cross is not None and plan["decode_batch"] < cross < plan["prefill_tokens"]
+    # auto takes FlashComm2 at the prefill size and the all-reduce at the decode batch
+    assert rows["auto"]["crossover_tokens"] == cross
+    assert rows["auto"]["prefill_comm_s"] == rows["fc2"]["prefill_comm_s"]
+    assert rows["auto"]["decode_comm_s"] == rows["allreduce"]["decode_comm_s"]
     tight = make_plan(m, 8, HardwareProfile.load("h100-nvlink"), memory_budget_bytes=1 * GIB)
     assert tight["recommendation"]["strategy"] is None
 
@@ -69,4 +76,5 @@ def test_cli_json_and_errors(model_dir) -> None:
     assert plan["profile"] == "pcie-gen4" and plan["recommendation"]["strategy"]
     out = subprocess.run([*cmd, "--profile", "nope.json"], capture_output=True, text=True,
                          timeout=120)
-    assert out.returncode == 2 and "--profile='nope.json'" in out.stderr
+    assert out.returncode == 2 and "profile='nope.json'" in out.stderr
+    assert len(out.stderr.splitlines()) == 1 and "Traceback" not in out.stderr

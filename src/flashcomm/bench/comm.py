@@ -6,7 +6,7 @@ on T/N tokens and are not timed). Time per round is the slowest rank's. One spaw
 N runs every (strategy, T, D) side by side, so results compare as ratios to the all-reduce path.
 `comm_*_s` times the same collectives replayed alone (flashcomm.bench.replay, no matmul), the
 communication-only figure: on CPU the o_proj matmul dominates the path time.
-JSON: `strategies` (bytes per op, DESIGN.md formula bytes, times, ratios), `primitives`
+JSON: `strategies` (bytes per op, the cost model's bytes, times, ratios), `primitives`
 (op, bytes, seconds of each chosen primitive: input for an alpha-beta fit) and, with
 --candidates, `candidates` (alternative implementations of each primitive on this backend).
 """
@@ -33,10 +33,16 @@ from flashcomm.comm import (
     reduce_scatter_tokens,
     row_parallel_o_proj,
 )
+from flashcomm.config import AttnOut, CommDtype
 from flashcomm.groups import GroupHandle, ParallelGroups
 from flashcomm.launch import run_local
 from flashcomm.layout import ParallelLayout
+from flashcomm.plan.costmodel import Shape, attn_out_calls, counted_bytes
 from flashcomm.plan.fit import fit_local, write_profile
+from flashcomm.plan.strategy import Strategy
+
+BASE = Strategy()
+ELT = 4  # the benchmark runs fp32
 
 
 def _ints(text: str) -> list[int]:
@@ -59,30 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only fit the alpha-beta cost model (quick) and write profile.json")
 
 
-def strategies(n: int) -> list[tuple[str, int, bool, str]]:
-    """(name, otp, flashcomm1, comm_dtype); otp 0 = row-parallel o_proj."""
-    out = [("all_reduce", 0, False, "auto"), ("fc1_rs_ag", 0, True, "auto")]
+def strategies(n: int) -> list[Strategy]:
+    """All-reduce, FlashComm1, and per otp in (1, 2) FlashComm2 (+fc1, +fc1+int8)."""
+    out = [BASE, Strategy(flashcomm1=True)]
     for otp in (o for o in (1, 2) if o < n and n % o == 0):
-        for fc1 in (False, True):
-            out.append((f"fc2_otp{otp}{'_fc1' if fc1 else ''}", otp, fc1, "auto"))
-        out.append((f"fc2_otp{otp}_fc1_int8", otp, True, "int8"))
-    return out
-
-
-def formula_bytes(n: int, otp: int, fc1: bool, dtype: str, t: int, h: int, d: int,
-                  elt: int = 4) -> dict[str, int]:
-    """DESIGN.md section 2 bytes per rank for one strategy's full path, T padded to N."""
-    t_pad = -(-t // n) * n
-    ring = (n - 1) * t_pad * h * elt // n
-    if otp == 0:
-        return {"all_reduce": 2 * ring} if not fc1 else {"reduce_scatter": ring, "all_gather": ring}
-    odp = n // otp
-    out = {"all_to_all": (odp - 1) * t_pad * (d // n) * (1 if dtype == "int8" else elt) // odp}
-    if dtype == "int8":
-        out["all_to_all_scales"] = (odp - 1) * t_pad * 4 // odp
-    if otp > 1:
-        out["otp_reduce_scatter"] = (otp - 1) * t_pad * h * elt // n
-    out["all_gather"] = ring
+        fc2 = Strategy(AttnOut.FLASHCOMM2, otp)
+        out += [fc2, replace(fc2, flashcomm1=True),
+                replace(fc2, flashcomm1=True, comm_dtype=CommDtype.INT8)]
     return out
 
 
@@ -104,20 +93,21 @@ def _stats(times: list[float]) -> dict[str, float]:
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
 
 
-def _path(groups: ParallelGroups, otp: int, fc1: bool, dtype: str, x, w, b, counter):
+def _path(groups: ParallelGroups, s: Strategy, x, w, b, counter):
     """One strategy's path: [T, D/N] -> [T, H] on every rank."""
     t = x.shape[0]
-    if otp == 0:
-        y = row_parallel_o_proj(x, w, b, groups.tp, flashcomm1=fc1, counter=counter)
+    if not s.flashcomm2:
+        y = row_parallel_o_proj(x, w, b, groups.tp, flashcomm1=s.flashcomm1, counter=counter)
     else:
-        y = flashcomm2_o_proj(x, w, b, groups, flashcomm1=fc1, comm_dtype=dtype, counter=counter)
-    return all_gather_tokens(y, t, groups.tp, counter) if fc1 else y
+        y = flashcomm2_o_proj(x, w, b, groups, flashcomm1=s.flashcomm1, comm_dtype=s.comm_dtype,
+                              counter=counter)
+    return all_gather_tokens(y, t, groups.tp, counter) if s.flashcomm1 else y
 
 
 def _strategy_worker(rank: int, world: int, tokens: list[int], h: int, dims: list[int],
                      rounds: int, candidates: bool) -> dict:
     groups = {otp: ParallelGroups.build(ParallelLayout(tp=world, otp=otp), shard_weights=())
-              for otp in {s[1] for s in strategies(world)}}
+              for otp in {s.otp for s in strategies(world)}}
     tp = groups[0].tp
     records, prims = [], []
     gen = torch.Generator().manual_seed(rank)
@@ -125,18 +115,18 @@ def _strategy_worker(rank: int, world: int, tokens: list[int], h: int, dims: lis
         for t in tokens:
             x = torch.randn(t, d // world, generator=gen)  # [T, D/N]
             b = torch.randn(h)
-            for name, otp, fc1, dtype in strategies(world):
-                cols = d // world if otp == 0 else d // otp
+            for s in strategies(world):
+                g = groups[s.otp]
+                cols = d // world if s.otp == 0 else d // s.otp
                 w = torch.randn(h, cols, generator=gen) / d**0.5  # [H, D/N] or [H, D/otp]
                 counter = CommCounter()
-                _path(groups[otp], otp, fc1, dtype, x, w, b, counter)
-                times = _timed(lambda g=groups[otp], o=otp, f=fc1, dt=dtype, x=x, w=w, b=b:
-                               _path(g, o, f, dt, x, w, b, None), rounds)
+                _path(g, s, x, w, b, counter)
+                times = _timed(lambda g=g, s=s, x=x, w=w, b=b: _path(g, s, x, w, b, None), rounds)
                 # the same collectives alone (no matmul): the communication-only time
-                replay = attn_out_replay(groups[otp], otp, fc1, dtype, h, d, t)
-                comm_st = _stats(_timed(replay, rounds))
-                records.append({"strategy": name, "N": world, "T": t, "H": h, "D": d,
-                                "otp": otp, "flashcomm1": fc1, "comm_dtype": dtype,
+                comm_st = _stats(_timed(attn_out_replay(g, s, h, d, t), rounds))
+                records.append({"strategy": s.label, "N": world, "T": t, "H": h, "D": d,
+                                "otp": s.otp, "flashcomm1": s.flashcomm1,
+                                "comm_dtype": str(s.comm_dtype),
                                 "bytes_sent": dict(counter.bytes_sent),
                                 "bytes_total": counter.total(), **_stats(times),
                                 **{f"comm_{k}": v for k, v in comm_st.items()}})
@@ -225,17 +215,21 @@ def _gather_list(mine: torch.Tensor, n: int) -> list[torch.Tensor]:
 
 
 def summarize(records: list[dict]) -> None:
-    """Add formula bytes, exchange ratios and time ratios to the all-reduce path, in place."""
-    base = {(r["N"], r["T"], r["D"]): r for r in records if r["strategy"] == "all_reduce"}
+    """Add the cost model's bytes, exchange ratios and time ratios to the all-reduce path, in
+    place."""
+    base = {(r["N"], r["T"], r["D"]): r for r in records if r["strategy"] == BASE.label}
     for r in records:
         n, t, h, d = r["N"], r["T"], r["H"], r["D"]
-        r["formula_bytes"] = formula_bytes(n, r["otp"], r["flashcomm1"], r["comm_dtype"], t, h, d)
+        s = Strategy(AttnOut.FLASHCOMM2 if r["otp"] else AttnOut.ALLREDUCE, r["otp"],
+                     r["flashcomm1"], r["comm_dtype"])
+        shape = Shape(hidden=h, q_dim=d, tp=n, elt_bytes=ELT)
+        r["formula_bytes"] = counted_bytes(attn_out_calls(s, shape, t))
         r["bytes_match_formula"] = r["bytes_sent"] == r["formula_bytes"]
         r["time_ratio_to_all_reduce"] = r["median_s"] / base[(n, t, d)]["median_s"]
         r["comm_ratio_to_all_reduce"] = r["comm_median_s"] / max(
             base[(n, t, d)]["comm_median_s"], 1e-9)
         if r["otp"]:
-            rs = (n - 1) * (-(-t // n)) * h * 4  # the FlashComm1 reduce-scatter it replaces
+            rs = (n - 1) * (-(-t // n)) * h * ELT  # the FlashComm1 reduce-scatter it replaces
             sent = r["bytes_sent"]
             r["all_to_all_over_reduce_scatter"] = sent["all_to_all"] / rs
             r["exchange_over_reduce_scatter"] = (

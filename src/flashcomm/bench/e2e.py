@@ -3,8 +3,8 @@
 `flashcomm bench e2e --model DIR|demo --nproc N`: ONE spawned group of N ranks (1) fits an
 alpha-beta profile of the collectives (flashcomm.plan.fit, through flashcomm.comm), (2) loads
 the checkpoint once per strategy (all-reduce, FlashComm1, FlashComm2 otp=1/2, FlashComm2 +
-O-Shard k=0..2, int8 exchange; `auto` reuses the FlashComm2 otp=1 model, whose resident W_o
-serves both paths, with the crossover of the fitted profile as its per-step threshold),
+O-Shard k=0..2, int8 exchange, and `auto`: FlashComm2's weights with the crossover of the
+fitted profile as its per-step threshold, flashcomm.plan.auto),
 (3) times one forward step per (strategy, case): prefill of T tokens (one sequence) and decode
 steps of B sequences (one token each after a context), strategies interleaved in a rotating
 order inside every repeat so machine noise hits all alike; each sample is the slowest rank's,
@@ -18,18 +18,24 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from flashcomm.config import FlashCommConfig
-from flashcomm.models.random_checkpoint import small_llama_config, write_checkpoint
-from flashcomm.plan.costmodel import Strategy as CostStrategy
+from flashcomm.config import AttnOut, CommDtype, ConfigError
+from flashcomm.models.args import ModelArgs
+from flashcomm.models.random_checkpoint import (
+    cached_checkpoint,
+    demo_checkpoint,
+    small_llama_config,
+)
+from flashcomm.plan.strategy import Strategy
 
 MODEL_SIZES = {
-    "small": None,  # the demo checkpoint of flashcomm.cli.demo
+    "small": None,  # the demo checkpoint (models.random_checkpoint.demo_checkpoint)
     "medium": dict(hidden_size=1024, intermediate_size=2048, num_hidden_layers=6,
                    num_attention_heads=16, num_key_value_heads=4, head_dim=64,
                    max_position_embeddings=8192),
@@ -40,39 +46,14 @@ SMALL_STEP_TOKENS = 1024
 SMALL_STEP_FACTOR = 3
 
 
-@dataclass(frozen=True)
-class Row:
-    """One strategy of the benchmark."""
-
-    name: str
-    """Label, e.g. 'fc2(otp=1)+oshard(k=1)'."""
-    cfg: FlashCommConfig
-    """Knobs of the model it runs (auto shares FlashComm2 otp=1's)."""
-    auto: bool = False
-    """Per-step choice between all-reduce and FlashComm2 by the crossover threshold."""
-
-    @property
-    def cost(self) -> CostStrategy:
-        """The cost model's description of this strategy's collectives."""
-        c = self.cfg
-        k = c.prefetch_step if c.layer_sharding else None
-        if not c.flashcomm2_otp:
-            return CostStrategy(flashcomm1=c.flashcomm1)
-        return CostStrategy("flashcomm2", c.flashcomm2_otp, c.flashcomm1, c.comm_dtype, k)
-
-
-def strategy_rows(n: int, n_layers: int) -> list[Row]:
-    """Every strategy of the issue at TP size n (otp=2 and k <= L-2 only where valid)."""
-    base = FlashCommConfig(tp=n)
-    fc2 = replace(base, flashcomm2_otp=1)
-    rows = [Row("allreduce", base), Row("flashcomm1", replace(base, flashcomm1=True)),
-            Row("fc2(otp=1)", fc2)]
+def strategy_rows(n: int, n_layers: int) -> list[Strategy]:
+    """The strategies of the benchmark at TP size n (otp=2 and k <= L-2 only where valid)."""
+    fc2 = Strategy(AttnOut.FLASHCOMM2, otp=1)
+    rows = [Strategy(), Strategy(flashcomm1=True), fc2]
     if n > 2 and n % 2 == 0:
-        rows.append(Row("fc2(otp=2)", replace(base, flashcomm2_otp=2)))
-    rows += [Row(f"fc2+oshard(k={k})",
-                 replace(fc2, layer_sharding=("o_proj",), prefetch_step=k))
-             for k in range(3) if k <= n_layers - 2]
-    rows += [Row("fc2+int8", replace(fc2, comm_dtype="int8")), Row("auto", fc2, auto=True)]
+        rows.append(Strategy(AttnOut.FLASHCOMM2, otp=2))
+    rows += [replace(fc2, oshard_k=k) for k in range(3) if k <= n_layers - 2]
+    rows += [replace(fc2, comm_dtype=CommDtype.INT8), replace(fc2, attn_out=AttnOut.AUTO)]
     return rows
 
 
@@ -101,22 +82,43 @@ def _memory(model, kv_bytes: int) -> dict[str, int]:
             "other_weights": model.weight_bytes() - o_total, "kv_cache": kv_bytes}
 
 
+def _interleaved(fns: list[list[Callable[[], float | None]]], reps: list[int],
+                 out: torch.Tensor, returned: torch.Tensor | None = None) -> None:
+    """out[i, c, rep] = seconds of fns[i][c]() (and returned[i, c, rep] = what it returned):
+    the functions of case c in a rotating order per repeat, so machine noise hits all alike;
+    case c runs reps[c] repeats."""
+    for rep in range(max(reps)):
+        for ci in range(out.shape[1]):
+            if rep >= reps[ci]:
+                continue
+            for j in range(len(fns)):
+                i = (rep + j) % len(fns)
+                dist.barrier()
+                t0 = time.perf_counter()
+                value = fns[i][ci]()
+                out[i, ci, rep] = time.perf_counter() - t0
+                if returned is not None:
+                    returned[i, ci, rep] = value
+
+
 def e2e_rank(rank: int, world: int, model_dir: str, opts: dict) -> dict:
     """One rank of the benchmark group; rank 0 returns the timings, every rank its memory."""
     from flashcomm.bench.replay import step_replay
-    from flashcomm.cli.run import NEVER, auto_min_tokens
+    from flashcomm.comm import CommCounter
     from flashcomm.groups import ParallelGroups
     from flashcomm.layout import ParallelLayout
-    from flashcomm.models.engine import Engine
-    from flashcomm.models.transformer import KVCache, ModelArgs, Step
+    from flashcomm.models.loader import checkpoint_dtype, load_model
+    from flashcomm.plan.auto import auto_min_tokens
     from flashcomm.plan.fit import fit_profile
+    from flashcomm.plan.planner import model_shape
 
     args = ModelArgs.from_dir(model_dir)
     rows = strategy_rows(world, args.n_layers)
     if opts.get("strategies"):
-        rows = [r for r in rows if r.name in opts["strategies"] or r.name == "allreduce"]
+        rows = [r for r in rows if r.label in opts["strategies"] or r == Strategy()]
     grid = cases(opts["prefill"], opts["decode"])
     t_start = time.perf_counter()
+    elt = checkpoint_dtype(model_dir).itemsize
 
     # (1) the profile, fitted in this group on every group size the strategies use
     fit_groups = ParallelGroups.build(
@@ -124,42 +126,34 @@ def e2e_rank(rank: int, world: int, model_dir: str, opts: dict) -> dict:
     profile = fit_profile(fit_groups, width=args.dim,
                           rows=tuple(sorted({1, 16, 256, 1024, 4096} | {t for _, t in grid})))
     fit_s = time.perf_counter() - t_start
+    threshold = auto_min_tokens(args.dim, args.q_dim, Strategy(AttnOut.AUTO).to_config(world),
+                                profile, elt)
 
-    # (2) one model per distinct config
-    models: dict[FlashCommConfig, object] = {}
+    # (2) one model per strategy; auto's threshold is resolved before its model is built
+    models = {}
     for row in rows:
-        if row.cfg not in models:
-            shard = ("o_proj",) if row.cfg.layer_sharding else ()
-            groups = ParallelGroups.build(ParallelLayout.from_config(row.cfg, world), shard)
-            models[row.cfg] = Engine.from_checkpoint(model_dir, row.cfg, groups,
-                                                     progress=False).model
-    any_model = next(iter(models.values()))
-    dtype = any_model.tok_embeddings.weight.dtype
-    elt = any_model.tok_embeddings.weight.element_size()
-    threshold = auto_min_tokens(args, rows[-1].cfg, profile, elt) if rows[-1].auto else 0
+        cfg = row.to_config(world)
+        if row.attn_out == AttnOut.AUTO:
+            cfg = replace(cfg, flashcomm2_min_tokens=threshold)
+        groups = ParallelGroups.from_config(cfg, world)
+        models[row], _ = load_model(model_dir, cfg, groups, progress=False, counter=CommCounter())
+    any_model = models[rows[0]]
 
-    # KV caches shared by every strategy (the same TP split of kv heads everywhere)
-    plan = any_model.plan
+    # inputs shared by every strategy (the same TP split of kv heads everywhere)
     gen = torch.Generator().manual_seed(0)
     ctx_len = opts["decode_context"]
     inputs = []
     for kind, size in grid:
         if kind == "prefill":
-            cache = KVCache.allocate(args.n_layers, 1, size, plan.n_kv, args.head_dim, dtype,
-                                     torch.device("cpu"))
-            step = Step.build([0], [size], torch.device("cpu"))
-            toks = torch.randint(0, args.vocab_size, (size,), generator=gen)
+            step, cache = any_model.step([0], [size]), any_model.allocate_cache(1, size)
         else:
-            cache = KVCache.allocate(args.n_layers, size, ctx_len + 1, plan.n_kv, args.head_dim,
-                                     dtype, torch.device("cpu"))
-            step = Step.build([ctx_len] * size, [1] * size, torch.device("cpu"))
-            toks = torch.randint(0, args.vocab_size, (size,), generator=gen)
-        inputs.append((toks, step, cache))
+            step = any_model.step([ctx_len] * size, [1] * size)
+            cache = any_model.allocate_cache(size, ctx_len + 1)
+        inputs.append((torch.randint(0, args.vocab_size, (size,), generator=gen), step, cache))
     kv_bytes = max(c.nbytes for _, _, c in inputs)
 
-    def forward(row: Row, ci: int) -> tuple[torch.Tensor, float]:
-        model = models[row.cfg]
-        model.ctx.flashcomm2_min_tokens = threshold if row.auto else 0
+    def forward(row: Strategy, ci: int) -> tuple[torch.Tensor, float]:
+        model = models[row]
         series = model.ctx.o_series
         w0 = series.stats().blocked_wait_s if series else 0.0
         toks, step, cache = inputs[ci]
@@ -168,67 +162,48 @@ def e2e_rank(rank: int, world: int, model_dir: str, opts: dict) -> dict:
         return out, (series.stats().blocked_wait_s - w0 if series else 0.0)
 
     # warm-up of every (strategy, case); records bytes per step and the greedy tokens
-    bytes_sent, fetched, same_tokens = {}, {}, {}
-    ref = {}
+    bytes_sent, fetched, same_tokens, ref = {}, {}, {}, {}
     for ci in range(len(grid)):
         for ri, row in enumerate(rows):
-            model = models[row.cfg]
+            model = models[row]
             model.ctx.counter.reset()
             series = model.ctx.o_series
             r0 = series.stats().bytes_received if series else 0
-            logits, _ = forward(row, ci)
+            ids = forward(row, ci)[0].argmax(-1)
             bytes_sent[(ri, ci)] = dict(model.ctx.counter.bytes_sent)
             fetched[(ri, ci)] = (series.stats().bytes_received - r0) if series else 0
-            ids = logits.argmax(-1)
-            if ri == 0:
-                ref[ci] = ids
+            ref.setdefault(ci, ids)
             same_tokens[(ri, ci)] = bool(torch.equal(ids, ref[ci]))
 
-    # (3) timed steps, strategies in a rotating order per repeat
+    # (3) timed steps; cheap steps (<= SMALL_STEP_TOKENS tokens) get SMALL_STEP_FACTOR x the
+    # repeats: noise weighs most on them and they cost little
     reps = opts["repeats"]
-    # cheap steps (<= SMALL_STEP_TOKENS tokens) get SMALL_STEP_FACTOR x the repeats: noise
-    # weighs most on them and they cost little
     case_reps = [reps * (SMALL_STEP_FACTOR if size <= SMALL_STEP_TOKENS else 1)
                  for _, size in grid]
     lat = torch.full((len(rows), len(grid), max(case_reps)), float("nan"), dtype=torch.float64)
     wait = torch.zeros_like(lat)
-    for rep in range(max(case_reps)):
-        for ci in range(len(grid)):
-            if rep >= case_reps[ci]:
-                continue
-            order = [(rep + j) % len(rows) for j in range(len(rows))]
-            for ri in order:
-                dist.barrier()
-                t0 = time.perf_counter()
-                _, w = forward(rows[ri], ci)
-                lat[ri, ci, rep] = time.perf_counter() - t0
-                wait[ri, ci, rep] = w
+    _interleaved([[lambda r=r, c=c: forward(r, c)[1] for c in range(len(grid))] for r in rows],
+                 case_reps, lat, wait)
 
-    # (4) communication alone: each distinct collective pattern, interleaved the same way
-    patterns = {r.cost: r.cfg for r in rows if not r.auto and not r.cfg.layer_sharding}
-    pat_keys = list(patterns)
-    creps = 2 * max(case_reps)  # comm alone is cheap: more samples against scheduling noise
-    comm_t = torch.zeros(len(pat_keys), len(grid), creps, dtype=torch.float64)
-    for ci, (_, size) in enumerate(grid):
-        fns = [step_replay(models[patterns[k]].ctx.groups, patterns[k].flashcomm2_otp,
-                           patterns[k].flashcomm1, patterns[k].comm_dtype, args.dim,
-                           args.q_dim, size, args.n_layers) for k in pat_keys]
-        for f in fns:
+    # (4) communication alone: each distinct path's collectives, interleaved the same way
+    paths = [[row.path(size, threshold) for _, size in grid] for row in rows]
+    patterns = list(dict.fromkeys(p for ps in paths for p in ps))
+    groups_of = {p: models[rows[ri]].ctx.groups for ri, ps in enumerate(paths) for p in ps}
+    replays = [[step_replay(groups_of[p], p, args.dim, args.q_dim, size, args.n_layers)
+                for _, size in grid] for p in patterns]
+    for per_case in replays:
+        for f in per_case:
             f()
-        for rep in range(creps):
-            for j in range(len(fns)):
-                pi = (rep + j) % len(fns)
-                dist.barrier()
-                t0 = time.perf_counter()
-                fns[pi]()
-                comm_t[pi, ci, rep] = time.perf_counter() - t0
+    creps = [2 * n for n in case_reps]  # comm alone is cheap: more samples against noise
+    comm_t = torch.full((len(patterns), len(grid), max(creps)), float("nan"), dtype=torch.float64)
+    _interleaved(replays, creps, comm_t)
     for t in (lat, wait, comm_t):
         dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank's sample
 
-    def samples(t: torch.Tensor, ci: int) -> list[float]:
-        return [v for v in t[ci].tolist() if v == v][: case_reps[ci]]  # drop the NaN padding
+    def samples(t: torch.Tensor) -> list[float]:
+        return [v for v in t.tolist() if v == v]  # drop the NaN padding
 
-    memory = {row.name: _memory(models[row.cfg], kv_bytes) for row in rows}
+    memory = {row.label: _memory(models[row], kv_bytes) for row in rows}
     if rank != 0:
         return {"rank": rank, "memory": memory}
     return {
@@ -236,28 +211,25 @@ def e2e_rank(rank: int, world: int, model_dir: str, opts: dict) -> dict:
         "model": {"dir": model_dir, "layers": args.n_layers, "hidden": args.dim,
                   "q_dim": args.q_dim, "intermediate": args.intermediate_size,
                   "heads": args.n_heads, "kv_heads": args.n_kv_heads, "elt_bytes": elt},
+        "shape": asdict(model_shape(args, world, elt)),
         "N": world, "threads_per_rank": torch.get_num_threads(), "torch": torch.__version__,
         "backend": dist.get_backend(), "repeats": reps, "decode_context": ctx_len,
-        "profile": profile.to_dict(), "fit_s": fit_s,
-        "auto_threshold": None if threshold >= NEVER else threshold,
+        "profile": profile.to_dict(), "fit_s": fit_s, "auto_threshold": threshold,
         "cases": [{"kind": k, "size": s, "tokens": s, "label": case_label(k, s)}
                   for k, s in grid],
         "strategies": [{
-            "name": row.name, "config": row.cfg.to_dict(), "auto": row.auto,
-            "cost": {"attn_out": row.cost.attn_out, "otp": row.cost.otp,
-                     "flashcomm1": row.cost.flashcomm1, "comm_dtype": row.cost.comm_dtype,
-                     "oshard_k": row.cost.oshard_k},
-            "comm_pattern": (None if row.auto else
-                             pat_keys.index(replace(row.cost, oshard_k=None))),
+            "name": row.label, "config": row.to_config(world).to_dict(),
             "steps": [{
-                "latency_s": samples(lat[ri], ci),
+                "latency_s": samples(lat[ri, ci]),
                 "blocked_wait_s": wait[ri, ci, :case_reps[ci]].tolist(),
                 "bytes_sent": bytes_sent[(ri, ci)], "fetch_bytes": fetched[(ri, ci)],
                 "same_argmax_as_allreduce": same_tokens[(ri, ci)],
+                "path": paths[ri][ci].label, "comm_pattern": patterns.index(paths[ri][ci]),
             } for ci in range(len(grid))],
         } for ri, row in enumerate(rows)],
-        "comm_replay": [{"pattern": i, "cost": k.label, "times_s": comm_t[i].tolist()}
-                        for i, k in enumerate(pat_keys)],
+        "comm_replay": [{"pattern": p.label, "times_s": [samples(comm_t[i, ci])
+                                                         for ci in range(len(grid))]}
+                        for i, p in enumerate(patterns)],
         "wall_s": time.perf_counter() - t_start,
     }
 
@@ -289,14 +261,9 @@ def model_dir(model: str, size: str) -> Path:
     """The checkpoint directory: DIR as given, or the cached demo-like random checkpoint."""
     if model != "demo":
         return Path(model)
-    from flashcomm.cli.demo import cache_dir, ensure_checkpoint
-
     if MODEL_SIZES[size] is None:
-        return ensure_checkpoint(cache_dir())
-    path = cache_dir().parent / f"e2e-llama-{size}-v1"
-    if not (path / "config.json").is_file():
-        write_checkpoint(path, small_llama_config(**MODEL_SIZES[size]), seed=0)
-    return path
+        return demo_checkpoint()
+    return cached_checkpoint(f"e2e-llama-{size}-v1", small_llama_config(**MODEL_SIZES[size]))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -305,10 +272,15 @@ def main(args: argparse.Namespace) -> int:
     from flashcomm.launch import default_backend, run_local
 
     if args.nproc < 2:
-        raise SystemExit("--nproc must be >= 2 (the strategies differ only with TP)")
+        raise ConfigError(f"nproc={args.nproc}: must be >= 2 (the strategies differ only "
+                          "with TP)")
     if args.repeats < 1:
-        raise SystemExit("--repeats must be >= 1")
+        raise ConfigError(f"repeats={args.repeats}: must be >= 1")
     path = model_dir(args.model, args.model_size)
+    known = [r.label for r in strategy_rows(args.nproc, ModelArgs.from_dir(path).n_layers)]
+    unknown = sorted(set(args.strategies.split(",") if args.strategies else ()) - set(known))
+    if unknown:
+        raise ConfigError(f"strategies={unknown}: not strategies of this run; allowed: {known}")
     opts = {"prefill": args.prefill_tokens, "decode": args.decode_batch,
             "decode_context": args.decode_context, "repeats": args.repeats,
             "strategies": args.strategies.split(",") if args.strategies else None}

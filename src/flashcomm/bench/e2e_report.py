@@ -11,51 +11,31 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
+from flashcomm.config import AttnOut, FlashCommConfig
 from flashcomm.plan.costmodel import (
     HardwareProfile,
     Shape,
     comm_time,
-    layer_traffic,
-    oshard_window_fits,
+    counted_bytes,
+    crossover_tokens,
+    exposed_fetch_s,
+    step_calls,
 )
-from flashcomm.plan.costmodel import Strategy as CostStrategy
+from flashcomm.plan.strategy import Strategy
 
-FC2, BASE, AUTO, OSHARD1 = "fc2(otp=1)", "allreduce", "auto", "fc2+oshard(k=1)"
+BASE = Strategy()
+FC2 = Strategy(AttnOut.FLASHCOMM2, otp=1)
+AUTO = replace(FC2, attn_out=AttnOut.AUTO)
+OSHARD1 = replace(FC2, oshard_k=1)
 OSHARD_LATENCY_LIMIT = 1.10
 """Acceptance: O-Shard (k=1) prefill latency at T=1024 within this factor of replicated FC2."""
 AUTO_LIMIT = 1.05
 """Acceptance: auto's latency within this factor of the better fixed strategy at every T."""
 
 
-def _cost(d: dict) -> CostStrategy:
-    return CostStrategy(d["attn_out"], d["otp"], d["flashcomm1"], d["comm_dtype"], d["oshard_k"])
-
-
-def predicted_comm_s(profile: HardwareProfile, s: CostStrategy, shape: Shape, layers: int,
-                     tokens: int) -> float:
-    """Cost-model seconds of one step's collectives (FlashComm1: plus the final all-gather)."""
-    t = layers * comm_time(profile, layer_traffic(s, shape, tokens))
-    if s.flashcomm1:
-        n = shape.tp
-        t_pad = -(-tokens // n) * n
-        gather = (n - 1) / n * t_pad * shape.hidden * shape.elt_bytes
-        t += profile.cost("all_gather", n).time(gather)
-    return t
-
-
-def exposed_broadcast_s(profile: HardwareProfile, s: CostStrategy, m: dict, n: int,
-                        tokens: int) -> float:
-    """Predicted O-Shard broadcast time not hidden by compute, per step (all layers)."""
-    if s.oshard_k is None:
-        return 0.0
-    h, d, ff, e = m["hidden"], m["q_dim"], m["intermediate"], m["elt_bytes"]
-    kv = max(1, m["kv_heads"] // n) * d // m["heads"]
-    qkv = 2 * tokens * h * (d // n + 2 * kv)
-    attn = 2 * tokens * tokens * d // n
-    full = qkv + attn + 2 * tokens * h * d // n + 6 * tokens * h * ff // n
-    _, bcast, window = oshard_window_fits(profile, h * d // s.otp * e, n // s.otp, s.oshard_k,
-                                          full, qkv + attn)
-    return m["layers"] * max(0.0, bcast - window)
+def strategy_of(entry: dict) -> Strategy:
+    """The Strategy of one result entry (from its knobs)."""
+    return Strategy.from_config(FlashCommConfig.from_mapping(entry["config"]))
 
 
 def first_win(a: list[float], b: list[float]) -> int:
@@ -70,32 +50,26 @@ def summarize(raw: dict) -> dict:
     """Add per-step statistics, ratios, predictions, crossovers and checks to a raw result."""
     res = dict(raw)
     profile = HardwareProfile.from_dict(raw["profile"])
-    m, n = raw["model"], raw["N"]
-    shape = Shape(hidden=m["hidden"], q_dim=m["q_dim"], tp=n, elt_bytes=m["elt_bytes"])
+    shape = Shape(**raw["shape"])
     grid = [c["tokens"] for c in raw["cases"]]
-    by_name = {s["name"]: s for s in raw["strategies"]}
     replay = [[statistics.median(t) for t in p["times_s"]] for p in raw["comm_replay"]]
-    threshold = raw["auto_threshold"] if raw["auto_threshold"] is not None else math.inf
-    for s in raw["strategies"]:
-        cost = _cost(s["cost"])
+    by = {strategy_of(s): s for s in raw["strategies"]}
+    for strategy, s in by.items():
+        s["auto"] = strategy.attn_out == AttnOut.AUTO
         for ci, st in enumerate(s["steps"]):
-            t = grid[ci]
-            lat = st["latency_s"]
+            t, lat = grid[ci], st["latency_s"]
             st["median_s"], st["min_s"], st["max_s"] = statistics.median(lat), min(lat), max(lat)
             st["blocked_wait_median_s"] = statistics.median(st["blocked_wait_s"])
             st["bytes_total"] = sum(st["bytes_sent"].values())
-            path = cost
+            path = strategy.path(t, raw["auto_threshold"])
             if s["auto"]:
-                path = cost if t >= threshold else CostStrategy(flashcomm1=cost.flashcomm1)
-                st["auto_path"] = "flashcomm2" if t >= threshold else "allreduce"
-            pattern = s["comm_pattern"]
-            if pattern is None:  # auto: the pattern of the path it took
-                pattern = by_name[FC2 if t >= threshold else BASE]["comm_pattern"]
-            st["measured_comm_s"] = replay[pattern][ci]
-            st["predicted_comm_s"] = predicted_comm_s(profile, replace(path, oshard_k=None),
-                                                      shape, m["layers"], t)
-            st["predicted_exposed_broadcast_s"] = exposed_broadcast_s(profile, cost, m, n, t)
-    base = by_name[BASE]["steps"]
+                st["auto_path"] = "flashcomm2" if path.flashcomm2 else "allreduce"
+            st["measured_comm_s"] = replay[st["comm_pattern"]][ci]
+            calls = step_calls(path, shape, t)
+            st["predicted_bytes"] = counted_bytes(calls)  # tests: == bytes_sent
+            st["predicted_comm_s"] = comm_time(profile, calls)
+            st["predicted_exposed_broadcast_s"] = exposed_fetch_s(profile, strategy, shape, t)
+    base = by[BASE]["steps"]
     for s in raw["strategies"]:
         for ci, st in enumerate(s["steps"]):
             b = base[ci]
@@ -103,19 +77,16 @@ def summarize(raw: dict) -> dict:
             st["measured_delta_s"] = st["median_s"] - b["median_s"]
             st["predicted_delta_s"] = (st["predicted_comm_s"] + st["predicted_exposed_broadcast_s"]
                                        - b["predicted_comm_s"])
-    res["crossover"] = _crossover(raw, grid, profile, shape, by_name)
-    res["checks"] = _checks(raw, grid, by_name)
+    res["crossover"] = _crossover(grid, profile, shape, by)
+    res["checks"] = _checks(raw, by)
     return res
 
 
-def _crossover(raw: dict, grid: list[int], profile: HardwareProfile, shape: Shape,
-               by_name: dict) -> dict:
-    from flashcomm.plan.costmodel import crossover_tokens
-
-    if FC2 not in by_name:
+def _crossover(grid: list[int], profile: HardwareProfile, shape: Shape, by: dict) -> dict:
+    if FC2 not in by:
         return {}
-    fc2, base = by_name[FC2]["steps"], by_name[BASE]["steps"]
-    cont = crossover_tokens(profile, shape, _cost(by_name[FC2]["cost"]), CostStrategy())
+    fc2, base = by[FC2]["steps"], by[BASE]["steps"]
+    cont = crossover_tokens(profile, shape, FC2, BASE)
     pred_idx = len(grid) if cont is None else next(
         (i for i, t in enumerate(grid) if t >= cont), len(grid))
     comm_idx = first_win([s["measured_comm_s"] for s in fc2], [s["measured_comm_s"] for s in base])
@@ -131,31 +102,29 @@ def _crossover(raw: dict, grid: list[int], profile: HardwareProfile, shape: Shap
             "within_one_step": abs(pred_idx - comm_idx) <= 1}
 
 
-def _checks(raw: dict, grid: list[int], by_name: dict) -> dict:
+def _checks(raw: dict, by: dict) -> dict:
     out: dict = {}
     cases = raw["cases"]
     i1024 = next((i for i, c in enumerate(cases) if c["kind"] == "prefill" and c["size"] == 1024),
                  None)
-    if OSHARD1 in by_name and FC2 in by_name:
+    if OSHARD1 in by and FC2 in by:
         if i1024 is not None:
-            r = by_name[OSHARD1]["steps"][i1024]["median_s"] / by_name[FC2]["steps"][i1024][
-                "median_s"]
+            r = by[OSHARD1]["steps"][i1024]["median_s"] / by[FC2]["steps"][i1024]["median_s"]
             out["oshard_k1_latency_ratio_T1024"] = {"value": r, "limit": OSHARD_LATENCY_LIMIT,
                                                     "ok": r <= OSHARD_LATENCY_LIMIT}
         layers, g = raw["model"]["layers"], raw["N"]  # shard group = N ranks at otp=1, dp=1
 
-        def o_bytes(name: str) -> int:
-            return max(r[name]["o_proj"] + r[name]["ring"] for r in raw["memory_per_rank"])
+        def o_bytes(s: Strategy) -> int:
+            return max(r[s.label]["o_proj"] + r[s.label]["ring"] for r in raw["memory_per_rank"])
 
         mem = o_bytes(OSHARD1) / o_bytes(FC2)
         limit = (math.ceil(layers / g) + 2) / layers
         out["oshard_k1_o_proj_memory_ratio"] = {"value": mem, "limit": limit, "ok": mem <= limit}
-    if AUTO in by_name and FC2 in by_name:
+    if AUTO in by and FC2 in by:
         worst, rows = 0.0, []
         for ci, c in enumerate(cases):
-            best = min(by_name[FC2]["steps"][ci]["median_s"],
-                       by_name[BASE]["steps"][ci]["median_s"])
-            r = by_name[AUTO]["steps"][ci]["median_s"] / best
+            best = min(by[FC2]["steps"][ci]["median_s"], by[BASE]["steps"][ci]["median_s"])
+            r = by[AUTO]["steps"][ci]["median_s"] / best
             rows.append({"case": c["label"], "ratio_to_best_fixed": r})
             worst = max(worst, r)
         out["auto_vs_best_fixed"] = {"value": worst, "limit": AUTO_LIMIT, "ok": worst <= AUTO_LIMIT,

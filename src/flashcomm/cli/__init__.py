@@ -1,24 +1,27 @@
 """The `flashcomm` command: layout, run, demo, plan and bench subcommands.
 
-Each heavy subcommand lives in its own module with `add_arguments(parser)` and
-`main(args) -> int`; they are imported only when chosen, so `flashcomm layout` stays instant.
+One module per command (cli/layout.py, run.py, demo.py, plan.py) holds its `add_arguments(parser)`,
+`main(args) -> int` and the formatting of what it prints; the benchmark programs keep theirs in
+flashcomm/bench/. A module is imported only when its command is chosen, so `flashcomm layout`
+stays instant. Every FlashCommError (a bad knob, checkpoint, prompt or profile, a failed rank)
+ends the command with exit code 2 and its message (one line naming the knob or file; a failed
+rank's report names every rank), without a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 
-from flashcomm.config import ConfigError, FlashCommConfig, parse_int
-from flashcomm.layout import ParallelLayout
+from flashcomm.config import FlashCommError
 
 # subcommand -> (module implementing add_arguments(parser) and main(args) -> int, help)
 COMMANDS = {
+    "layout": ("flashcomm.cli.layout", "print the process groups of a deployment"),
     "run": ("flashcomm.cli.run", "generate with a tensor-parallel model on N local ranks"),
     "demo": ("flashcomm.cli.demo", "every strategy at TP=4 on a cached random checkpoint"),
-    "plan": ("flashcomm.plan.planner", "predict memory and communication per strategy"),
+    "plan": ("flashcomm.cli.plan", "predict memory and communication per strategy"),
 }
 BENCHES = {
     "series": ("flashcomm.bench.series", "layer-sharding ring: blocked wait vs compute window"),
@@ -27,50 +30,11 @@ BENCHES = {
 }
 
 
-def _layout_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--world", help="total number of ranks (default tp*pp*dp)")
-    FlashCommConfig.add_cli_arguments(parser)
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def _layout_main(args: argparse.Namespace) -> int:
-    cfg = FlashCommConfig.from_cli(args, env={})
-    world = None if args.world is None else parse_int("world", args.world)
-    layout = ParallelLayout.from_config(cfg, world)
-    if args.json:
-        print(json.dumps(layout.to_dict()))
-        return 0
-    print(format_layout(layout))
-    return 0
-
-
-def format_layout(layout: ParallelLayout) -> str:
-    """A readable table of every group family."""
-    d = layout.to_dict()
-    lines = [
-        f"world={layout.world}  tp={layout.tp}  pp={layout.pp}  dp={layout.dp}  "
-        f"otp={layout.otp}  odp={layout.odp}",
-        "",
-        f"{'family':<8} {'groups':>6}  members",
-    ]
-    for name in ("tp", "pp", "dp", "odp", "otp", "shard"):
-        groups = d[name]
-        body = "  ".join("[" + ",".join(map(str, g)) + "]" for g in groups) or "(off)"
-        lines.append(f"{name:<8} {len(groups):>6}  {body}")
-    lines.append("")
-    lines.append(f"chunk_order (all-to-all send order of the {layout.tp} token chunks): "
-                 f"{d['chunk_order']}")
-    return "\n".join(lines)
-
-
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The argparse tree; only the module of the chosen subcommand is imported."""
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="flashcomm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    lay = sub.add_parser("layout", help="print the process groups of a deployment")
-    _layout_arguments(lay)
-    lay.set_defaults(handler=_layout_main)
     chosen = argv[0] if argv else None
     for name, (module, help_text) in COMMANDS.items():
         _add(sub, name, module, help_text, load=name == chosen)
@@ -97,9 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except ConfigError as e:
-        print(f"flashcomm: configuration error: {e}", file=sys.stderr)
+    except FlashCommError as e:
+        print(f"flashcomm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the launcher has already killed every rank
+        print(f"flashcomm {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""Generate text with a tensor-parallel Llama-family checkpoint (`flashcomm run`).
+"""`flashcomm run`: generate with a tensor-parallel Llama-family checkpoint.
 
 Spawns --nproc local ranks (gloo on CPU, NCCL when CUDA is available), or joins the group that
-torchrun set up (RANK / WORLD_SIZE in the environment).
+torchrun set up (RANK / WORLD_SIZE in the environment). Every input is checked here, before any
+rank starts: the knobs, the checkpoint (models.loader.preflight) and the prompts against the
+model's vocabulary and max_position_embeddings.
 """
 
 from __future__ import annotations
@@ -9,181 +11,91 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import torch
-
-from flashcomm.config import ConfigError, FlashCommConfig, parse_int
-from flashcomm.layout import ParallelLayout
-from flashcomm.models.loader import (
-    check_strategy,
-    checkpoint_index,
-    tensor_specs,
-    validate_checkpoint,
-)
-from flashcomm.models.transformer import CheckpointError, ModelArgs, TPPlan
-from flashcomm.plan.costmodel import HardwareProfile, Shape, crossover_tokens
-from flashcomm.plan.costmodel import Strategy as CostStrategy
-
-if TYPE_CHECKING:
-    from flashcomm.groups import ParallelGroups
-    from flashcomm.models.engine import Engine
-
-ATTN_OUT = ("allreduce", "flashcomm2", "auto")
-NEVER = 1 << 62
-"""flashcomm2_min_tokens when FlashComm2 never wins: every step takes the all-reduce path."""
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
-          "float16": torch.float16}
+from flashcomm.config import AttnOut, ConfigError, FlashCommConfig, parse_int, strategy_config
+from flashcomm.models.engine import RequestError, check_request
+from flashcomm.models.launcher import DTYPES, RunSpec, run_spec, under_torchrun
+from flashcomm.models.loader import preflight
+from flashcomm.plan.auto import FIT, load_profile
 
 
-@dataclass(frozen=True)
-class RunSpec:
-    """Everything a rank needs to load and generate (picklable, sent to spawned ranks)."""
-
-    model: str
-    """Checkpoint directory."""
-    cfg: FlashCommConfig
-    """Validated strategy and sizes (tp = world)."""
-    prompts: tuple[tuple[int, ...], ...]
-    """Token ids per prompt."""
-    max_new_tokens: int
-    """New tokens per prompt."""
-    temperature: float = 0.0
-    """0 = greedy."""
-    seed: int = 0
-    """Sampling seed."""
-    dtype: str = "auto"
-    """Weight/activation dtype name from DTYPES (auto = the checkpoint's)."""
-    stop_at_eos: bool = False
-    """Stop a sequence at the config's eos_token_id."""
-    flashcomm2_min_tokens: int = 0
-    """Steps with fewer tokens use the row-parallel o_proj instead of FlashComm2."""
-    auto_profile: str | None = None
-    """--attn-out auto: 'fit' (measure at start-up) or a profile name/file; None = not auto."""
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `flashcomm run`."""
+    parser.add_argument("--model", required=True, help="checkpoint directory (config.json + "
+                        "safetensors [+ tokenizer.json])")
+    parser.add_argument("--nproc", default="1", help="number of TP ranks to spawn")
+    parser.add_argument("--attn-out", choices=[a.value for a in AttnOut],
+                        help="attention-output strategy (auto: FlashComm2 from the cost model's "
+                        "crossover token count, all-reduce below)")
+    FlashCommConfig.add_cli_arguments(parser, parallel_sizes=False)
+    parser.add_argument("--prompt", nargs="+", action="extend", default=[],
+                        help="prompt texts, one sequence each (repeatable; all are kept)")
+    parser.add_argument("--prompt-file", action="append", default=[],
+                        help="prompts, one per line, or JSONL lines {\"prompt\": ...}")
+    parser.add_argument("--token-ids", nargs="+", action="extend", default=[],
+                        help="prompts as comma-separated token ids (repeatable)")
+    parser.add_argument("--max-new-tokens", default="32", help="new tokens per prompt")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto")
+    parser.add_argument("--stop-at-eos", action="store_true", help="stop at eos_token_id")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def auto_min_tokens(args: ModelArgs, cfg: FlashCommConfig, profile: HardwareProfile,
-                    elt_bytes: int) -> int:
-    """--attn-out auto's threshold: the crossover T from which FlashComm2's per-layer comm
-    beats all-reduce's on `profile` (NEVER when it never does)."""
-    shape = Shape(hidden=args.dim, q_dim=args.q_dim, tp=cfg.tp, elt_bytes=elt_bytes)
-    fc2 = CostStrategy("flashcomm2", cfg.flashcomm2_otp, cfg.flashcomm1, cfg.comm_dtype)
-    cross = crossover_tokens(profile, shape, fc2, CostStrategy(flashcomm1=cfg.flashcomm1))
-    return NEVER if cross is None else cross
+def read_prompt_file(path: str) -> list[str]:
+    """Prompts of a file: JSONL (every non-blank line a JSON object with a "prompt" string) or
+    plain text (every non-blank line one prompt)."""
+    f = Path(path)
+    if not f.is_file():
+        raise ConfigError(f"prompt_file={path!r}: no such file")
+    lines = [(i + 1, line) for i, line in enumerate(f.read_text().splitlines()) if line.strip()]
+    if not lines:
+        raise RequestError(f"{path}: no prompt in the file")
+    if not lines[0][1].lstrip().startswith("{"):
+        return [line for _, line in lines]
+    out = []
+    for n, line in lines:
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RequestError(f"{path}:{n}: not a JSON object ({e.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+            raise RequestError(f'{path}:{n}: expected {{"prompt": "..."}}')
+        out.append(obj["prompt"])
+    return out
 
 
-def load_profile(name_or_path: str) -> HardwareProfile:
-    """A shipped profile or JSON file; ConfigError naming --profile otherwise."""
-    try:
-        return HardwareProfile.load(name_or_path)
-    except (ValueError, KeyError) as e:
-        raise ConfigError(str(e)) from None
+def prompt_ids(args: argparse.Namespace) -> tuple[tuple[int, ...], ...]:
+    """Token ids of every prompt given (--prompt, --prompt-file, --token-ids), in order."""
+    texts = list(args.prompt) + [p for f in args.prompt_file for p in read_prompt_file(f)]
+    if texts and args.token_ids:
+        raise ConfigError("token_ids: pass either text prompts (--prompt / --prompt-file) or "
+                          "--token-ids, not both")
+    if args.token_ids:
+        try:
+            return tuple(tuple(int(t) for t in p.split(",") if t.strip()) for p in args.token_ids)
+        except ValueError:
+            raise ConfigError(
+                f"token_ids={args.token_ids}: expected comma-separated integers") from None
+    if not texts:
+        raise ConfigError("prompt: none given; pass --prompt, --prompt-file or --token-ids")
+    empty = [i for i, p in enumerate(texts) if not p]
+    if empty:
+        raise RequestError(f"prompt {empty[0]} is empty: every prompt needs at least one token")
+    from tokenizers import Tokenizer
 
-
-def strategy_config(cfg: FlashCommConfig, attn_out: str | None, nproc: int) -> FlashCommConfig:
-    """Merge --attn-out into the knobs (flashcomm2 implies otp >= 1) and validate for nproc."""
-    if attn_out is not None and attn_out not in ATTN_OUT:
-        raise ConfigError(f"attn_out={attn_out!r}: allowed values are {ATTN_OUT}")
-    if attn_out in ("flashcomm2", "auto") and cfg.flashcomm2_otp == 0:
-        cfg = replace(cfg, flashcomm2_otp=1)
-    if attn_out == "auto":
-        cfg = replace(cfg, flashcomm2_min_tokens="auto")
-    if attn_out == "allreduce" and cfg.flashcomm2_otp > 0:
-        raise ConfigError(
-            f"attn_out='allreduce' with flashcomm2_otp={cfg.flashcomm2_otp}: --otp > 0 means "
-            "FlashComm2; use --attn-out flashcomm2 or drop --otp"
-        )
-    if nproc < 1:
-        raise ConfigError(f"nproc={nproc}: must be >= 1")
-    if nproc == 1 and (cfg.flashcomm2 or cfg.layer_sharding or cfg.flashcomm1):
-        raise ConfigError("nproc=1: FlashComm and layer sharding need nproc >= 2")
-    return replace(cfg, tp=nproc, pp=1, dp=1).validate(world=nproc)
-
-
-def check_model(path: str, cfg: FlashCommConfig) -> ModelArgs:
-    """Check config.json, the split over cfg.tp ranks and the safetensors headers (no process
-    started, no tensor data read)."""
-    args = ModelArgs.from_dir(path)
-    plan = TPPlan.build(args, cfg.tp, 0, cfg.flashcomm2_otp)
-    check_strategy(args, cfg)
-    validate_checkpoint(checkpoint_index(path), tensor_specs(args, plan))
-    return args
-
-
-def rank_main(rank: int, world: int, spec: RunSpec) -> dict:
-    """One rank: build groups, load, generate; return this rank's result as a dict."""
-    from flashcomm.groups import ParallelGroups
-    from flashcomm.models.engine import Engine
-
-    device = _device()
-    shard = ("o_proj",) if "o_proj" in spec.cfg.layer_sharding else ()
-    groups = ParallelGroups.build(ParallelLayout.from_config(spec.cfg, world), shard)
-    engine = Engine.from_checkpoint(spec.model, spec.cfg, groups, device=device,
-                                    dtype=DTYPES[spec.dtype], progress=rank == 0,
-                                    flashcomm2_min_tokens=spec.flashcomm2_min_tokens)
-    auto = {}
-    if spec.auto_profile is not None:
-        auto = resolve_auto(engine, groups, spec.auto_profile)
-    res = engine.generate([list(p) for p in spec.prompts], spec.max_new_tokens,
-                          temperature=spec.temperature, seed=spec.seed,
-                          stop_at_eos=spec.stop_at_eos)
-    return {"rank": rank, **res.to_dict(), **auto}
-
-
-def resolve_auto(engine: Engine, groups: ParallelGroups, profile: str) -> dict:
-    """Set the engine's per-step threshold from `profile` ('fit': measure now, collectively);
-    one resident FlashComm2 W_o serves both paths, so memory is FlashComm2's."""
-    import torch.distributed as dist
-
-    if profile == "fit":
-        from flashcomm.plan.fit import fit_profile
-
-        prof = fit_profile(groups, width=engine.model.args.dim)
-    else:
-        prof = load_profile(profile)
-    model = engine.model
-    elt = model.tok_embeddings.weight.element_size()
-    threshold = torch.tensor([auto_min_tokens(model.args, model.ctx.cfg, prof, elt)])
-    if groups.tp.group is not None:  # every rank must take the same path at every step
-        dist.broadcast(threshold, src=groups.tp.global_rank(0), group=groups.tp.group)
-    model.ctx.flashcomm2_min_tokens = int(threshold)
-    return {"flashcomm2_min_tokens": int(threshold), "profile": prof.name,
-            "profile_dict": prof.to_dict()}
-
-
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def run_spec(spec: RunSpec, nproc: int, timeout_s: float = 600.0) -> list[dict]:
-    """Per-rank results of `spec` on nproc spawned ranks (or in-process when nproc == 1)."""
-    if nproc == 1:
-        from flashcomm.models.engine import Engine
-
-        engine = Engine.from_checkpoint(spec.model, spec.cfg, None, device=_device(),
-                                        dtype=DTYPES[spec.dtype])
-        res = engine.generate([list(p) for p in spec.prompts], spec.max_new_tokens,
-                              temperature=spec.temperature, seed=spec.seed,
-                              stop_at_eos=spec.stop_at_eos)
-        return [{"rank": 0, **res.to_dict()}]
-    from flashcomm.launch import default_backend, run_local
-
-    return run_local(rank_main, nproc, spec, backend=default_backend(), timeout_s=timeout_s)
+    tok_file = Path(args.model) / "tokenizer.json"
+    if not tok_file.is_file():
+        raise RequestError(f"{tok_file}: no tokenizer.json for text prompts; pass --token-ids")
+    tok = Tokenizer.from_file(str(tok_file))
+    return tuple(tuple(tok.encode(p).ids) for p in texts)
 
 
 def summary(results: list[dict], cfg: FlashCommConfig) -> dict:
     """The --json object: rank 0's tokens/text/timings plus per-rank memory and traffic."""
     r0 = results[0]
-    auto = {}
-    if "flashcomm2_min_tokens" in r0:
-        t = r0["flashcomm2_min_tokens"]
-        auto = {"auto": {"flashcomm2_min_tokens": None if t >= NEVER else t,
-                         "profile": r0["profile_dict"]}}
     return {
         "tokens": r0["tokens"],
         "text": r0["text"],
@@ -197,99 +109,46 @@ def summary(results: list[dict], cfg: FlashCommConfig) -> dict:
                                "blocked_wait_ms")}
             for r in results
         ],
-        **auto,
+        **({"auto": r0["auto"]} if "auto" in r0 else {}),
     }
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `flashcomm run`."""
-    parser.add_argument("--model", required=True, help="checkpoint directory (config.json + "
-                        "safetensors [+ tokenizer.json])")
-    parser.add_argument("--nproc", default="1", help="number of TP ranks to spawn")
-    parser.add_argument("--attn-out", choices=ATTN_OUT, help="attention-output strategy")
-    FlashCommConfig.add_cli_arguments(parser, parallel_sizes=False)
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", nargs="+", help="prompt texts (one sequence each)")
-    src.add_argument("--token-ids", nargs="+", help="prompts as comma-separated token ids")
-    parser.add_argument("--max-new-tokens", default="32", help="new tokens per prompt")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto")
-    parser.add_argument("--stop-at-eos", action="store_true", help="stop at eos_token_id")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+def format_summary(out: dict) -> str:
+    """The human-readable report of one run."""
+    lines = []
+    for i, toks in enumerate(out["tokens"]):
+        body = out["text"][i] if out["text"] is not None else " ".join(map(str, toks))
+        lines.append(f"[{i}] {body!r}")
+    lines.append(f"prefill {out['prefill_ms']:.1f} ms, decode {out['decode_ms_per_token']:.2f} "
+                 "ms/token")
+    for r in out["ranks"]:
+        lines.append(f"rank {r['rank']}: o_proj {r['o_proj_bytes'] / 2**20:.2f} MiB, weights "
+                     f"{r['weight_bytes'] / 2**20:.2f} MiB, comm {r['comm_bytes'] / 2**10:.1f} "
+                     f"KiB, blocked wait {r['blocked_wait_ms']:.2f} ms")
+    if "auto" in out:
+        t = out["auto"]["flashcomm2_min_tokens"]
+        when = "never (all-reduce every step)" if t is None else f"from T >= {t} tokens per step"
+        lines.append(f"attn-out auto: FlashComm2 {when}, all-reduce below (profile "
+                     f"{out['auto']['profile']['name']}); one resident FlashComm2 W_o serves both "
+                     "paths, so o_proj memory is FlashComm2's")
+    return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of `flashcomm run`."""
-    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    nproc = int(os.environ["WORLD_SIZE"]) if torchrun else parse_int("nproc", args.nproc)
+    nproc = int(os.environ["WORLD_SIZE"]) if under_torchrun() else parse_int("nproc", args.nproc)
     cfg = strategy_config(FlashCommConfig.from_cli(args), args.attn_out, nproc)
-    try:
-        check_model(args.model, cfg)
-        prompts = _prompts(args)
-    except CheckpointError as e:
-        print(f"flashcomm run: {e}", file=sys.stderr)
-        return 2
-    min_tokens = cfg.flashcomm2_min_tokens
-    auto_profile = None
-    if args.attn_out == "auto" and args.flashcomm2_min_tokens is not None:
-        raise ConfigError(f"--flashcomm2-min-tokens={args.flashcomm2_min_tokens} with --attn-out "
-                          "auto: auto chooses the threshold itself; pass one or the other")
-    if min_tokens == "auto":
-        min_tokens = 0
-        auto_profile = cfg.profile
-        if auto_profile != "fit":
-            load_profile(auto_profile)  # a bad --profile fails here, before any rank starts
-    spec = RunSpec(args.model, cfg, prompts, parse_int("max_new_tokens", args.max_new_tokens),
-                   args.temperature, args.seed, args.dtype, args.stop_at_eos,
-                   min_tokens, auto_profile)
-    if torchrun:
-        from flashcomm.launch import init_distributed
-
-        rank = int(os.environ["RANK"])
-        init_distributed(rank, nproc)
-        result = rank_main(rank, nproc, spec)
-        gathered = [None] * nproc if rank == 0 else None
-        torch.distributed.gather_object(result, gathered, dst=0)
-        torch.distributed.destroy_process_group()
-        if rank != 0:
-            return 0
-        results = gathered
-    else:
-        results = run_spec(spec, nproc, args.timeout)
-    out = summary(results, cfg)
-    if args.json:
-        print(json.dumps(out))
+    if cfg.attn_out == AttnOut.AUTO and cfg.profile != FIT:
+        load_profile(cfg.profile)  # a bad --profile fails here, before any rank starts
+    model_args = preflight(args.model, cfg)
+    prompts = prompt_ids(args)
+    max_new = parse_int("max_new_tokens", args.max_new_tokens)
+    check_request(model_args, [list(p) for p in prompts], max_new)
+    spec = RunSpec(args.model, cfg, prompts, max_new, args.temperature, args.seed, args.dtype,
+                   args.stop_at_eos)
+    results = run_spec(spec, nproc, args.timeout)
+    if results is None:  # a torchrun rank other than 0
         return 0
-    for i, toks in enumerate(out["tokens"]):
-        body = out["text"][i] if out["text"] is not None else " ".join(map(str, toks))
-        print(f"[{i}] {body!r}")
-    print(f"prefill {out['prefill_ms']:.1f} ms, decode {out['decode_ms_per_token']:.2f} ms/token")
-    for r in out["ranks"]:
-        print(f"rank {r['rank']}: o_proj {r['o_proj_bytes'] / 2**20:.2f} MiB, weights "
-              f"{r['weight_bytes'] / 2**20:.2f} MiB, comm {r['comm_bytes'] / 2**10:.1f} KiB, "
-              f"blocked wait {r['blocked_wait_ms']:.2f} ms")
-    if "auto" in out:
-        t = out["auto"]["flashcomm2_min_tokens"]
-        when = "never (all-reduce every step)" if t is None else f"from T >= {t} tokens per step"
-        print(f"attn-out auto: FlashComm2 {when}, all-reduce below (profile "
-              f"{out['auto']['profile']['name']}); one resident FlashComm2 W_o serves both "
-              f"paths, so o_proj memory is FlashComm2's")
+    out = summary(results, cfg)
+    print(json.dumps(out) if args.json else format_summary(out))
     return 0
-
-
-def _prompts(args: argparse.Namespace) -> tuple[tuple[int, ...], ...]:
-    if args.token_ids:
-        try:
-            return tuple(tuple(int(t) for t in p.split(",") if t.strip()) for p in args.token_ids)
-        except ValueError:
-            raise ConfigError(
-                f"token_ids={args.token_ids}: expected comma-separated integers") from None
-    from tokenizers import Tokenizer
-
-    tok_file = Path(args.model) / "tokenizer.json"
-    if not tok_file.is_file():
-        raise CheckpointError(f"{tok_file}: no tokenizer.json, pass --token-ids instead")
-    tok = Tokenizer.from_file(str(tok_file))
-    return tuple(tuple(tok.encode(p).ids) for p in args.prompt)

@@ -17,12 +17,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from flashcomm.config import FlashCommError
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 MOE_MODEL_TYPES = ("qwen3_moe", "mixtral")
 _DEFAULT_ROPE_THETA = {"mixtral": 1e6}  # what transformers assumes when config.json is silent
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FlashCommError, ValueError):
     """A checkpoint (config.json or tensors) cannot be used; the message names the field/tensor."""
 
 
@@ -64,6 +66,8 @@ class ModelArgs:
     """lm_head shares the embedding matrix."""
     sliding_windows: tuple[int | None, ...] = ()
     """Per layer: attention window (keys with q_pos - k_pos < window), or None for full causal."""
+    max_position_embeddings: int | None = None
+    """Longest sequence (prompt + new tokens) the model was trained for; None: not stated."""
     n_experts: int = 0
     """Routed experts of each MoE layer (0: no MoE layer)."""
     n_experts_per_tok: int = 0
@@ -139,7 +143,8 @@ class ModelArgs:
             qkv_bias=True if mt == "qwen2" else bias, o_bias=False if mt == "qwen2" else bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)), qk_norm=mt in ("qwen3", "qwen3_moe"),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            sliding_windows=windows, **_moe_fields(cfg, mt, n_layers, need),
+            sliding_windows=windows, max_position_embeddings=_max_positions(cfg),
+            **_moe_fields(cfg, mt, n_layers, need),
         )
 
     @classmethod
@@ -171,6 +176,15 @@ def _rope_params(cfg: dict[str, Any], default_theta: float) -> tuple[float, dict
     if missing:
         raise CheckpointError(f"config.json: llama3 rope_scaling is missing {missing}")
     return theta, {k: float(params[k]) for k in keys}
+
+
+def _max_positions(cfg: dict[str, Any]) -> int | None:
+    n = cfg.get("max_position_embeddings")
+    if n is None:
+        return None
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise CheckpointError(f"config.json: max_position_embeddings={n!r} must be an int >= 1")
+    return n
 
 
 def _sliding_windows(cfg: dict[str, Any], mt: str, n_layers: int) -> tuple[int | None, ...]:

@@ -17,10 +17,38 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from flashcomm.comm import CommCounter
-from flashcomm.config import FlashCommConfig
+from flashcomm.config import FlashCommConfig, FlashCommError
 from flashcomm.groups import ParallelGroups
+from flashcomm.models.args import ModelArgs
 from flashcomm.models.loader import LoadReport, load_model
-from flashcomm.models.transformer import KVCache, Step, Transformer
+from flashcomm.models.transformer import Transformer
+
+
+class RequestError(FlashCommError, ValueError):
+    """A generation request the model cannot serve; the message names the input and the limit."""
+
+
+def check_request(args: ModelArgs, prompts: list[list[int]], max_new_tokens: int) -> None:
+    """RequestError for an empty batch or prompt, max_new_tokens < 1, a token id outside the
+    vocabulary, or a prompt + max_new_tokens longer than max_position_embeddings."""
+    if not prompts:
+        raise RequestError("prompts: none given; pass at least one")
+    empty = [i for i, p in enumerate(prompts) if len(p) == 0]
+    if empty:
+        raise RequestError(f"prompt {empty[0]} is empty: every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise RequestError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    bad = [t for p in prompts for t in p if not 0 <= t < args.vocab_size]
+    if bad:
+        raise RequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {args.vocab_size})")
+    limit = args.max_position_embeddings
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    n = len(prompts[longest])
+    if limit is not None and n + max_new_tokens > limit:
+        raise RequestError(
+            f"prompt {longest}: {n} tokens + max_new_tokens={max_new_tokens} = "
+            f"{n + max_new_tokens} is longer than the model's max_position_embeddings={limit}; "
+            f"shorten the prompt or ask for at most {max(limit - n, 0)} new tokens")
 
 
 @dataclass
@@ -81,13 +109,11 @@ class Engine:
         device: torch.device | str = "cpu",
         dtype: torch.dtype | None = None,
         progress: bool = True,
-        flashcomm2_min_tokens: int = 0,
     ) -> Engine:
         """Load this rank's part of the checkpoint at `path` (collective when layer-sharded)."""
         counter = CommCounter() if groups is not None else None
         model, report = load_model(path, cfg, groups, device=device, dtype=dtype,
-                                   counter=counter, progress=progress,
-                                   flashcomm2_min_tokens=flashcomm2_min_tokens)
+                                   counter=counter, progress=progress)
         tok_file = Path(path) / "tokenizer.json"
         tokenizer = Tokenizer.from_file(str(tok_file)) if tok_file.is_file() else None
         eos = json.loads((Path(path) / "config.json").read_text()).get("eos_token_id")
@@ -97,7 +123,7 @@ class Engine:
     def encode(self, prompts: list[str]) -> list[list[int]]:
         """Token ids of each prompt through the checkpoint's tokenizer.json."""
         if self.tokenizer is None:
-            raise ValueError("this checkpoint has no tokenizer.json: pass token ids instead")
+            raise RequestError("this checkpoint has no tokenizer.json: pass token ids instead")
         return [self.tokenizer.encode(p).ids for p in prompts]
 
     @torch.no_grad()
@@ -105,20 +131,11 @@ class Engine:
                  temperature: float = 0.0, seed: int = 0,
                  stop_at_eos: bool = False) -> GenerationResult:
         """Batched prefill of every prompt, then one decode step per new token."""
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
-        vocab = self.model.args.vocab_size
-        bad = [t for p in prompts for t in p if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        check_request(self.model.args, prompts, max_new_tokens)
         model, ctx = self.model, self.model.ctx
         device = model.tok_embeddings.weight.device
         lens = [len(p) for p in prompts]
-        cache = KVCache.allocate(model.args.n_layers, len(prompts), max(lens) + max_new_tokens,
-                                 model.plan.n_kv, model.args.head_dim,
-                                 model.tok_embeddings.weight.dtype, device)
+        cache = model.allocate_cache(len(prompts), max(lens) + max_new_tokens)
         gen = torch.Generator(device=device).manual_seed(seed)
         counter, series = ctx.counter, ctx.o_series
         if counter is not None:
@@ -129,7 +146,7 @@ class Engine:
         self._sync()
         t0 = time.perf_counter()
         tokens = torch.tensor([t for p in prompts for t in p], device=device)
-        logits = model(tokens, Step.build([0] * len(lens), lens, device), cache)
+        logits = model(tokens, model.step([0] * len(lens), lens), cache)
         nxt = self._next_tokens(logits, temperature, gen)
         self._sync()
         prefill_ms = (time.perf_counter() - t0) * 1e3
@@ -143,7 +160,7 @@ class Engine:
                 done |= torch.isin(nxt.cpu(), torch.tensor(self.eos_token_ids, dtype=torch.long))
                 if bool(done.all()):
                     break
-            step = Step.build([n + steps for n in lens], [1] * len(lens), device)
+            step = model.step([n + steps for n in lens], [1] * len(lens))
             nxt = self._next_tokens(model(nxt, step, cache), temperature, gen)
             out.append(nxt)
             steps += 1

@@ -195,43 +195,71 @@ def _read(handle, spec: TensorSpec) -> Tensor:
     return s[a:b] if spec.dim == 0 else s[:, a:b]
 
 
-def load_model(
-    path: str | Path,
+def preflight(path: str | Path, cfg: FlashCommConfig) -> ModelArgs:
+    """Everything that can be wrong before a rank starts: config.json, the split over cfg.tp
+    ranks (ConfigError naming tp), the strategy knobs and the safetensors headers (no tensor
+    data read, no process group needed)."""
+    try:
+        args = ModelArgs.from_dir(path)
+    except CheckpointError as e:  # name the file the user passed, not just config.json
+        f = str(Path(path) / "config.json")
+        raise CheckpointError(str(e) if f in str(e) else
+                              f"{f}: {str(e).removeprefix('config.json: ')}") from None
+    plan = TPPlan.build(args, cfg.tp, 0, cfg.flashcomm2_otp, cfg.expert_parallel)
+    check_strategy(args, cfg)
+    validate_checkpoint(checkpoint_index(path), tensor_specs(args, plan))
+    return args
+
+
+def checkpoint_dtype(path: str | Path) -> torch.dtype:
+    """The dtype the checkpoint stores its embeddings in (what dtype=None loads as)."""
+    return _DTYPES[checkpoint_index(path)["model.embed_tokens.weight"][2]]
+
+
+def build_model(
+    args: ModelArgs,
     cfg: FlashCommConfig,
     groups: ParallelGroups | None = None,
-    *,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = None,
     counter: CommCounter | None = None,
-    progress: bool = True,
-    flashcomm2_min_tokens: int = 0,
-) -> tuple[Transformer, LoadReport]:
-    """Build this rank's Transformer from a checkpoint directory (collective when sharded)."""
-    device = torch.device(device)
-    args = ModelArgs.from_dir(path)
+) -> Transformer:
+    """This rank's Transformer on the meta device (no weights yet), with its TPContext and,
+    when o_proj is layer-sharded, its empty ShardedSeries."""
     tp = 1 if groups is None else groups.tp.size
     if groups is not None and tp != cfg.tp:
         raise ConfigError(f"tp={cfg.tp}: the TP group has {tp} ranks")
-    tp_rank = 0 if groups is None else groups.tp.rank
-    otp = cfg.flashcomm2_otp if groups is not None else 0
-    plan = TPPlan.build(args, tp, tp_rank, otp, groups is not None and cfg.expert_parallel)
-    sharded = groups is not None and "o_proj" in cfg.layer_sharding
     if groups is not None:
         check_strategy(args, cfg)
         if cfg.pp != 1:
             raise ConfigError(f"pp={cfg.pp}: the engine runs a single pipeline stage (pp=1)")
+    tp_rank = 0 if groups is None else groups.tp.rank
+    plan = TPPlan.build(args, tp, tp_rank, cfg.flashcomm2_otp if groups is not None else 0,
+                        groups is not None and cfg.expert_parallel)
+    series = None
+    if groups is not None and "o_proj" in cfg.layer_sharding:
+        series = ShardedSeries("o_proj", groups.shard["o_proj"], cfg.prefetch_step)
+    ctx = TPContext(cfg, groups, counter, series)
+    with torch.device("meta"):
+        return Transformer(args, plan, ctx)
+
+
+def load_weights(
+    model: Transformer,
+    path: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> LoadReport:
+    """Read this rank's slices of the checkpoint at `path` into `model` (built by build_model),
+    then distribute a layer-sharded o_proj (collective: the series' finalize)."""
+    device = torch.device(device)
+    args, plan, series = model.args, model.plan, model.ctx.o_series
+    groups = model.ctx.groups
     index = checkpoint_index(path)
     specs = tensor_specs(args, plan)
     validate_checkpoint(index, tensor_specs(args, TPPlan.build(args, 1, 0)))  # alike on all ranks
     if dtype is None:
         dtype = _DTYPES[index["model.embed_tokens.weight"][2]]
-
-    series = None
-    if sharded:
-        series = ShardedSeries("o_proj", groups.shard["o_proj"], cfg.prefetch_step)
-    ctx = TPContext(cfg, groups, counter, series, flashcomm2_min_tokens)
-    with torch.device("meta"):
-        model = Transformer(args, plan, ctx)
 
     report = LoadReport()
     state: dict[str, Tensor] = {}
@@ -246,14 +274,14 @@ def load_model(
             for spec in file_specs:
                 bar.update(1)
                 layer = _o_proj_layer(spec)
-                if sharded and layer is not None and not series.owns(layer):
+                if series is not None and layer is not None and not series.owns(layer):
                     width = plan.o_cols[1] - plan.o_cols[0]
                     o_weights[layer] = torch.empty(args.dim, width, dtype=dtype, device="meta")
                     continue  # a non-owner never reads this layer
                 t = _read(handle, spec).to(device=device, dtype=dtype).contiguous()
                 report.names.append(spec.name)
                 report.bytes_read += t.nbytes
-                if sharded and layer is not None:
+                if series is not None and layer is not None:
                     o_weights[layer] = t
                 else:
                     state[spec.target] = t
@@ -264,7 +292,22 @@ def load_model(
         for layer in sorted(o_weights):
             series.register(layer, o_weights[layer])
         series.finalize()  # the first collective: every check above has passed on every rank
-    return model, report
+    return report
+
+
+def load_model(
+    path: str | Path,
+    cfg: FlashCommConfig,
+    groups: ParallelGroups | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    counter: CommCounter | None = None,
+    progress: bool = True,
+) -> tuple[Transformer, LoadReport]:
+    """build_model + load_weights: this rank's loaded Transformer (collective when sharded)."""
+    model = build_model(ModelArgs.from_dir(path), cfg, groups, counter)
+    return model, load_weights(model, path, device=device, dtype=dtype, progress=progress)
 
 
 def _o_proj_layer(spec: TensorSpec) -> int | None:

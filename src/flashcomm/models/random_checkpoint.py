@@ -1,6 +1,7 @@
 """Write small random-weight Llama-family checkpoints in Hugging Face layout (no downloads).
 
-Used by `flashcomm demo` and the tests: config.json + model.safetensors + a byte-level
+Used by `flashcomm demo`, `plan --model demo`, `bench e2e --model demo` (the cached demo
+checkpoint, `demo_checkpoint`) and the tests: config.json + model.safetensors + a byte-level
 tokenizer.json built with `tokenizers`. Weights are scaled so logits are well separated
 (greedy decoding is then stable under fp32 reduction-order noise).
 """
@@ -8,6 +9,9 @@ tokenizer.json built with `tokenizers`. Weights are scaled so logits are well se
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from flashcomm.models.loader import tensor_specs
 from flashcomm.models.transformer import ModelArgs, TPPlan
 
+DEMO_NAME = "demo-llama-v1"
+"""Directory name of the demo checkpoint in the cache (bump the version when its config changes)."""
 BYTE_VOCAB = 256
 SPECIAL_TOKENS = ("<s>", "</s>")
 
@@ -107,3 +113,29 @@ def write_checkpoint(path: str | Path, config: dict[str, Any], seed: int = 0,
     if tokenizer:
         byte_tokenizer().save(str(path / "tokenizer.json"))
     return path
+
+
+def cache_root() -> Path:
+    """Where cached checkpoints live: $FLASHCOMM_CACHE or ~/.cache/flashcomm."""
+    return Path(os.environ.get("FLASHCOMM_CACHE") or Path.home() / ".cache" / "flashcomm")
+
+
+def cached_checkpoint(name: str, config: dict[str, Any], seed: int = 0) -> Path:
+    """The random checkpoint `name` in the cache, written on first use (atomic rename, so
+    concurrent first uses are safe)."""
+    path = cache_root() / name
+    if (path / "config.json").is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
+    write_checkpoint(tmp, config, seed=seed)
+    try:
+        tmp.rename(path)
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def demo_checkpoint() -> Path:
+    """The demo's small random Llama with a byte-level tokenizer (written on first use)."""
+    return cached_checkpoint(DEMO_NAME, small_llama_config())

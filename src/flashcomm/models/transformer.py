@@ -1,8 +1,8 @@
 """A tensor-parallel Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) in plain PyTorch.
 
 Reads top to bottom: TPPlan (what this rank holds) -> TPContext (the strategy) -> Step (the
-flattened varlen batch of one forward) -> KVCache -> the modules -> Transformer. ModelArgs,
-parsed from a Hugging Face config.json, lives in model_config.py.
+flattened varlen batch of one forward, with its RoPE tables and masks) -> KVCache -> the modules
+-> Transformer. ModelArgs, parsed from a Hugging Face config.json, lives in models/args.py.
 
 Layout of one step: the T tokens of every sequence in the batch are flattened into one token
 dimension ([T, H], token dim first), which is exactly FlashComm's token dimension. Parallelism:
@@ -18,17 +18,18 @@ dimension ([T, H], token dim first), which is exactly FlashComm's token dimensio
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flashcomm import comm
-from flashcomm.config import FlashCommConfig
+from flashcomm.config import AUTO, ConfigError, FlashCommConfig
 from flashcomm.groups import GroupHandle, ParallelGroups
 from flashcomm.models.args import CheckpointError, ModelArgs, rope_inv_freq
 from flashcomm.models.moe import MoEFeedForward, expert_split
+from flashcomm.models.step import KVCache, Step
 from flashcomm.sharding import ShardedSeries
 
 __all__ = ["CheckpointError", "KVCache", "ModelArgs", "Step", "TPContext", "TPPlan",
@@ -65,18 +66,15 @@ class TPPlan:
               expert_parallel: bool = False) -> TPPlan:
         """Split `args` over `tp` ranks; otp > 0 means FlashComm2 (W_o slice of its odp group);
         expert_parallel: MoE ranks hold E/N whole experts instead of 1/N of every expert."""
-        if args.n_heads % tp:
-            raise CheckpointError(
-                f"num_attention_heads={args.n_heads} is not divisible by tp={tp}"
-            )
-        if args.intermediate_size % tp:
-            raise CheckpointError(
-                f"intermediate_size={args.intermediate_size} is not divisible by tp={tp}"
-            )
-        if args.n_kv_heads % tp and tp % args.n_kv_heads:
-            raise CheckpointError(
-                f"num_key_value_heads={args.n_kv_heads}: must divide tp={tp} or be a multiple of it"
-            )
+        if args.n_heads % tp or args.intermediate_size % tp or (
+                args.n_kv_heads % tp and tp % args.n_kv_heads):
+            ok = [n for n in range(1, args.n_heads + 1) if not args.n_heads % n
+                  and not args.intermediate_size % n
+                  and not (args.n_kv_heads % n and n % args.n_kv_heads)]
+            raise ConfigError(
+                f"tp={tp} (--nproc): this model splits over tp in {ok} (num_attention_heads="
+                f"{args.n_heads}, num_key_value_heads={args.n_kv_heads} and intermediate_size="
+                f"{args.intermediate_size} must divide evenly)")
         hq = args.n_heads // tp
         group = args.n_heads // args.n_kv_heads  # q heads per kv head
         q0, q1 = rank * hq, (rank + 1) * hq
@@ -104,7 +102,7 @@ class TPPlan:
         return self.kv_heads[1] - self.kv_heads[0]
 
 
-@dataclass
+@dataclass(frozen=True)
 class TPContext:
     """Everything a forward needs about parallelism; one per rank, passed explicitly."""
 
@@ -116,8 +114,11 @@ class TPContext:
     """Bytes moved by this rank's collectives."""
     o_series: ShardedSeries | None = None
     """The layer-sharded o_proj weights (None when o_proj is not layer-sharded)."""
-    flashcomm2_min_tokens: int = 0
-    """Steps with fewer tokens use the row-parallel o_proj (on W_o's own D/N columns) instead."""
+
+    def __post_init__(self) -> None:
+        if self.cfg.flashcomm2_min_tokens == AUTO:
+            raise ConfigError("flashcomm2_min_tokens='auto': resolve it to a threshold before "
+                              "building the model (flashcomm.plan.auto.resolve_auto)")
 
     @property
     def tp_group(self) -> GroupHandle | None:
@@ -128,84 +129,6 @@ class TPContext:
     def flashcomm1(self) -> bool:
         """Whether the residual stream is token-chunked between layers."""
         return self.groups is not None and self.cfg.flashcomm1
-
-
-# ---- one step of a varlen batch -------------------------------------------------------------
-
-
-@dataclass
-class Step:
-    """Index metadata of one forward over B sequences, each adding n_b tokens at start_b."""
-
-    num_tokens: int
-    """T: tokens in this step over all sequences."""
-    seq: Tensor
-    """[T] cache row (sequence) of each flat token."""
-    pos: Tensor
-    """[T] absolute position of each flat token."""
-    offset: Tensor
-    """[T] index of each flat token within its sequence's new tokens."""
-    gather: Tensor
-    """[B, n_max] flat index feeding each padded query slot (pads repeat the last token)."""
-    q_pos: Tensor
-    """[B, n_max] absolute position of each padded query slot."""
-    kv_len: int
-    """S: cache length every sequence is attended over (max start_b + n_b)."""
-    logit_rows: Tensor | None = None
-    """Flat rows whose logits are returned (None: all rows)."""
-
-    @classmethod
-    def build(cls, starts: list[int], counts: list[int], device: torch.device,
-              last_only: bool = True) -> Step:
-        """A step where sequence b adds counts[b] >= 1 tokens after its first starts[b]."""
-        if any(c < 1 for c in counts):
-            raise ValueError(f"counts={counts}: every sequence must add at least one token")
-        n_max = max(counts)
-        seq = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
-        first = torch.tensor([0, *counts[:-1]]).cumsum(0)  # flat index of each sequence's 1st
-        offset = torch.arange(len(seq)) - first[seq]
-        j = torch.minimum(torch.arange(n_max)[None, :], torch.tensor(counts)[:, None] - 1)
-        start = torch.tensor(starts)
-        last = first + torch.tensor(counts) - 1
-        return cls(
-            num_tokens=len(seq), seq=seq.to(device), pos=(start[seq] + offset).to(device),
-            offset=offset.to(device), gather=(first[:, None] + j).to(device),
-            q_pos=(start[:, None] + j).to(device),
-            kv_len=max(s + c for s, c in zip(starts, counts, strict=True)),
-            logit_rows=last.to(device) if last_only else None,
-        )
-
-    def mask(self, window: int | None) -> Tensor:
-        """[B, 1, n_max, S] bool: key position k visible to a query at position q."""
-        k = torch.arange(self.kv_len, device=self.q_pos.device)
-        q = self.q_pos[:, None, :, None]
-        m = k <= q
-        if window is not None:
-            m &= q - k < window
-        return m
-
-
-@dataclass
-class KVCache:
-    """Per layer key/value buffers [B, S_max, local kv heads, head_dim] for a batch of B rows."""
-
-    k: list[Tensor] = field(default_factory=list)
-    """Keys per layer."""
-    v: list[Tensor] = field(default_factory=list)
-    """Values per layer."""
-
-    @classmethod
-    def allocate(cls, n_layers: int, batch: int, max_len: int, n_kv: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> KVCache:
-        """Zeroed buffers for `batch` sequences of up to `max_len` positions."""
-        shape = (batch, max_len, n_kv, head_dim)
-        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)],
-                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)])
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the buffers."""
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
 # ---- modules ---------------------------------------------------------------------------------
@@ -265,8 +188,7 @@ class Attention(nn.Module):
         # local kv head of each local q head; a plain tensor (not loaded), see init_buffers
         self.kv_index = torch.tensor(plan.kv_index, device="cpu")
 
-    def forward(self, x: Tensor, step: Step, cache: KVCache, cos: Tensor, sin: Tensor,
-                ctx: TPContext) -> Tensor:
+    def forward(self, x: Tensor, step: Step, cache: KVCache, ctx: TPContext) -> Tensor:
         """x [T, H] -> [T, H], or [T_pad/N, H] with FlashComm1."""
         if ctx.o_series is not None:
             ctx.o_series.prefetch(self.layer_idx)  # overlaps QKV + attention (k = 0) or more
@@ -276,7 +198,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(t, self.n_kv, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
         k_cache, v_cache = cache.k[self.layer_idx], cache.v[self.layer_idx]
         k_cache[step.seq, step.pos] = k
         v_cache[step.seq, step.pos] = v
@@ -294,7 +216,7 @@ class Attention(nn.Module):
         if ctx.groups is None:
             return F.linear(x, w, self.o_bias)
         fc1 = ctx.cfg.flashcomm1
-        if ctx.cfg.flashcomm2 and x.shape[0] >= ctx.flashcomm2_min_tokens:
+        if ctx.cfg.flashcomm2_step(x.shape[0]):
             return comm.flashcomm2_o_proj(x, w, self.o_bias, ctx.groups, flashcomm1=fc1,
                                           comm_dtype=ctx.cfg.comm_dtype, counter=ctx.counter)
         if ctx.cfg.flashcomm2:  # few tokens: row-parallel on W_o's own D/N columns, no copy
@@ -330,14 +252,13 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, h: Tensor, step: Step, cache: KVCache, cos: Tensor, sin: Tensor,
-                ctx: TPContext) -> Tensor:
+    def forward(self, h: Tensor, step: Step, cache: KVCache, ctx: TPContext) -> Tensor:
         """h [T, H], or this rank's chunk [T_pad/N, H] with FlashComm1 -> same layout."""
         t, group = step.num_tokens, ctx.tp_group
         x = self.attention_norm(h)
         if ctx.flashcomm1:
             x = comm.all_gather_tokens(x, t, group, ctx.counter)  # [T, H]
-        h = h + self.attention(x, step, cos=cos, sin=sin, cache=cache, ctx=ctx)
+        h = h + self.attention(x, step, cache, ctx)
         x = self.ffn_norm(h)
         if getattr(self.feed_forward, "expert_parallel", False):  # EP: its own token exchange
             return h + self.feed_forward.forward_ep(x, t, ctx)  # same layout as h
@@ -372,14 +293,13 @@ class Transformer(nn.Module):
     def forward(self, tokens: Tensor, step: Step, cache: KVCache) -> Tensor:
         """tokens [T] -> float logits [R, V] of step.logit_rows (all T rows if None)."""
         ctx = self.ctx
+        if step.cos is None:
+            raise ValueError("step has no RoPE tables: build it with Transformer.step")
         h = self.tok_embeddings(tokens)  # [T, H]
-        freqs = step.pos[:, None].float() * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)  # [T, hd]
         if ctx.flashcomm1:
             h = token_chunk(h, ctx.tp_group)  # [T_pad/N, H]
         for layer in self.layers:
-            h = layer(h, step, cache, cos, sin, ctx)
+            h = layer(h, step, cache, ctx)
         if ctx.flashcomm1:
             h = comm.all_gather_tokens(self.norm(h), step.num_tokens, ctx.tp_group, ctx.counter)
         if step.logit_rows is not None:
@@ -388,6 +308,23 @@ class Transformer(nn.Module):
             h = self.norm(h)
         w = self.tok_embeddings.weight if self.output is None else self.output.weight
         return F.linear(h, w).float()
+
+    def step(self, starts: list[int], counts: list[int], last_only: bool = True) -> Step:
+        """A Step for this model (its device, dtype, RoPE and attention windows): sequence b
+        adds counts[b] tokens after its first starts[b]; logits of the last ones only."""
+        w = self.tok_embeddings.weight
+        windows = tuple(layer.attention.window for layer in self.layers)
+        return Step.build(starts, counts, w.device, last_only, inv_freq=self.inv_freq,
+                          dtype=w.dtype, windows=windows)
+
+    def allocate_cache(self, batch: int, max_len: int) -> KVCache:
+        """Zeroed KV buffers for `batch` sequences of up to `max_len` positions, this rank's
+        kv heads, in the weights' dtype and device."""
+        w = self.tok_embeddings.weight
+        shape = (batch, max_len, self.plan.n_kv, self.args.head_dim)
+        n = self.args.n_layers
+        return KVCache([torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(n)],
+                       [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(n)])
 
     def init_buffers(self, device: torch.device) -> None:
         """Move the non-weight index tensors (RoPE frequencies, kv head map) to `device`."""

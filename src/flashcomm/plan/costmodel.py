@@ -1,11 +1,14 @@
-"""An alpha-beta cost model of each strategy's per-layer communication, and hardware profiles.
+"""The cost model: bytes each strategy sends per layer and per step, their alpha-beta time on a
+hardware profile, the FlashComm2 crossover, and the FLOPs that hide an O-Shard broadcast.
 
-Each collective costs `alpha + bytes_sent_per_rank / bandwidth`, with bytes counted as in
-DESIGN.md (ring algorithms; T padded to a multiple of N where the op works on token chunks).
-Profiles come from published figures (shipped JSON under flashcomm/profiles/) or from a fit to
-`flashcomm bench comm --fit` measurements on the current backend.
+The one source of these formulas: the planner, the auto policy, `bench comm` and `bench e2e`
+all call it, and tests compare it with what `flashcomm.comm.CommCounter` counts at run time.
+Bytes are integers, counted as DESIGN.md section 2 and CommCounter do (ring algorithms, T padded
+to T_pad = ceil(T/N)*N for every token op), and keyed by CommCounter's op names.
 
-Pure Python: no torch, so `flashcomm plan` runs anywhere.
+Each collective costs `alpha + bytes_sent_per_rank / bandwidth`. Profiles come from published
+figures (shipped JSON under flashcomm/profiles/) or from a fit on the current backend
+(flashcomm.plan.fit). Pure Python: no torch, so `flashcomm plan` runs anywhere.
 """
 
 from __future__ import annotations
@@ -15,6 +18,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import NamedTuple
+
+from flashcomm.config import CommDtype, ShardSource
+from flashcomm.plan.strategy import Strategy
 
 OPS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "broadcast")
 SHIPPED_PROFILES = ("h100-nvlink", "pcie-gen4")
@@ -94,10 +101,7 @@ class HardwareProfile:
         else:
             p = Path(name_or_path)
             if not p.is_file():
-                raise ValueError(
-                    f"--profile={name_or_path!r}: not a file and not a shipped profile "
-                    f"{SHIPPED_PROFILES}"
-                )
+                raise ValueError("not a file and not a shipped profile")
             text = p.read_text()
         return cls.from_dict(json.loads(text))
 
@@ -124,40 +128,12 @@ def fit_op(samples: list[tuple[float, float]], relative: bool = False) -> OpCost
     return OpCost(alpha_s=alpha, bytes_per_s=1.0 / slope)
 
 
-# ---- what each strategy sends per layer -------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Strategy:
-    """One attention-output strategy, as the engine and benchmarks name it."""
-
-    attn_out: str = "allreduce"
-    """'allreduce' (row-parallel o_proj) or 'flashcomm2'."""
-    otp: int = 0
-    """FlashComm2 o_proj parallel size (>= 1 with flashcomm2)."""
-    flashcomm1: bool = False
-    """Sequence-parallel layout around the norms."""
-    comm_dtype: str = "auto"
-    """'auto' or 'int8' for the all-to-all payload."""
-    oshard_k: int | None = None
-    """Prefetch step when o_proj is layer-sharded, else None."""
-
-    @property
-    def label(self) -> str:
-        """Readable name such as 'flashcomm2(otp=1)+fc1+oshard(k=1)'."""
-        s = "allreduce" if self.attn_out == "allreduce" else f"flashcomm2(otp={self.otp})"
-        if self.flashcomm1:
-            s = "flashcomm1" if self.attn_out == "allreduce" else s + "+fc1"
-        if self.comm_dtype == "int8":
-            s += "+int8"
-        if self.oshard_k is not None:
-            s += f"+oshard(k={self.oshard_k})"
-        return s
+# ---- what each strategy sends ------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Shape:
-    """The sizes that set a layer's traffic."""
+    """The sizes that set a layer's traffic (and, where given, its FLOPs)."""
 
     hidden: int
     """H, the residual width."""
@@ -167,56 +143,110 @@ class Shape:
     """N, the TP size."""
     elt_bytes: int = 2
     """Bytes per activation element (2 for bf16, 4 for fp32)."""
+    layers: int = 1
+    """L, decoder layers in a step."""
+    head_dim: int = 0
+    """Per-head width (FLOPs only)."""
+    kv_heads: int = 0
+    """Key/value heads of the whole model (FLOPs only)."""
+    intermediate: int = 0
+    """MLP inner size (FLOPs only)."""
 
 
-def layer_traffic(s: Strategy, shape: Shape, tokens: int) -> list[tuple[str, int, float]]:
-    """(op, group size, bytes sent per rank) for one decoder layer at `tokens` tokens."""
+class Call(NamedTuple):
+    """One collective call: its op (for the profile), group size and the bytes one rank sends,
+    split by CommCounter key (an int8 all-to-all is one message: payload plus scales)."""
+
+    op: str
+    """Op name from OPS."""
+    group: int
+    """Group size."""
+    parts: tuple[tuple[str, int], ...]
+    """(CommCounter key, bytes) of this call."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes one rank sends in this call."""
+        return sum(b for _, b in self.parts)
+
+
+def attn_out_calls(s: Strategy, shape: Shape, tokens: int) -> list[Call]:
+    """The attention-output path of one layer, from [T, D/N] until the MLP's input is ready:
+    all-reduce, or FlashComm1's reduce-scatter, or FlashComm2's all-to-all (+ otp reduce-scatter),
+    then the all-gather FlashComm1 or FlashComm2 needs. `s` is the path taken (see
+    Strategy.path): auto is counted as FlashComm2."""
     n, h, e = shape.tp, shape.hidden, shape.elt_bytes
     if n == 1:
         return []
-    t_pad = math.ceil(tokens / n) * n
-    rs_ag = (n - 1) / n * t_pad * h * e
-    out: list[tuple[str, int, float]] = []
-    if s.attn_out == "allreduce":
-        out.append(("reduce_scatter", n, rs_ag) if s.flashcomm1
-                   else ("all_reduce", n, 2 * (n - 1) / n * t_pad * h * e))
+    c = math.ceil(tokens / n)
+    ring = (n - 1) * c * h * e  # a reduce-scatter's or all-gather's bytes; all-reduce: twice
+    if not s.flashcomm2:
+        out = [Call("reduce_scatter", n, (("reduce_scatter", ring),)) if s.flashcomm1
+               else Call("all_reduce", n, (("all_reduce", 2 * ring),))]
     else:
-        otp = s.otp
-        odp = n // otp
-        payload = t_pad * shape.q_dim / n * (1 if s.comm_dtype == "int8" else e)
-        scales = t_pad * 4 if s.comm_dtype == "int8" else 0  # one fp32 scale per token row
-        out.append(("all_to_all", odp, (odp - 1) / odp * (payload + scales)))
-        if otp > 1:
-            out.append(("reduce_scatter", otp, (otp - 1) / n * t_pad * h * e))
-    # the attention output back to what the MLP needs: [T, H] (FC1 off after FC2) or chunks
-    if s.flashcomm1 or s.attn_out == "flashcomm2":
-        out.append(("all_gather", n, rs_ag))
-    if s.flashcomm1:  # MLP down-proj reduce-scatter + the all-gather before the next QKV
-        out += [("reduce_scatter", n, rs_ag), ("all_gather", n, rs_ag)]
-    else:
-        out.append(("all_reduce", n, 2 * (n - 1) / n * t_pad * h * e))
+        odp = n // s.otp
+        rows = c * n // odp  # T_pad / odp token rows to each odp peer
+        dn = shape.q_dim // n
+        if s.comm_dtype == CommDtype.INT8:  # one int8 byte per element + an fp32 scale per row
+            parts = (("all_to_all", (odp - 1) * rows * dn),
+                     ("all_to_all_scales", (odp - 1) * rows * 4))
+        else:
+            parts = (("all_to_all", (odp - 1) * rows * dn * e),)
+        out = [Call("all_to_all", odp, parts)]
+        if s.otp > 1:
+            out.append(Call("reduce_scatter", s.otp,
+                            (("otp_reduce_scatter", (s.otp - 1) * c * h * e),)))
+    if s.flashcomm1 or s.flashcomm2:  # back to [T, H] (or FlashComm1's all-gather before the MLP)
+        out.append(Call("all_gather", n, (("all_gather", ring),)))
     return out
 
 
-def attn_out_traffic(s: Strategy, shape: Shape, tokens: int) -> list[tuple[str, int, float]]:
-    """Only the ops of the attention-output path (what FlashComm2 changes), per layer."""
-    full = layer_traffic(s, shape, tokens)
-    mlp_ops = 2 if s.flashcomm1 else 1
-    return full[: len(full) - mlp_ops]
+def layer_calls(s: Strategy, shape: Shape, tokens: int) -> list[Call]:
+    """One decoder layer: the attention-output path, then the MLP's all-reduce (FlashComm1: its
+    reduce-scatter and the all-gather before the next layer's QKV)."""
+    out = attn_out_calls(s, shape, tokens)
+    n, h, e = shape.tp, shape.hidden, shape.elt_bytes
+    if n == 1:
+        return out
+    ring = (n - 1) * math.ceil(tokens / n) * h * e
+    if s.flashcomm1:
+        return out + [Call("reduce_scatter", n, (("reduce_scatter", ring),)),
+                      Call("all_gather", n, (("all_gather", ring),))]
+    return out + [Call("all_reduce", n, (("all_reduce", 2 * ring),))]
 
 
-def comm_time(profile: HardwareProfile, ops: list[tuple[str, int, float]]) -> float:
-    """Predicted seconds of a list of (op, group size, bytes) calls."""
-    return sum(profile.cost(op, g).time(b) for op, g, b in ops if g > 1)
+def step_calls(s: Strategy, shape: Shape, tokens: int) -> list[Call]:
+    """One forward step over shape.layers layers, plus FlashComm1's all-gather before the LM
+    head: every collective the engine issues for a step of `tokens` tokens on path `s`."""
+    out = shape.layers * layer_calls(s, shape, tokens)
+    if s.flashcomm1 and shape.tp > 1:
+        ring = (shape.tp - 1) * math.ceil(tokens / shape.tp) * shape.hidden * shape.elt_bytes
+        out.append(Call("all_gather", shape.tp, (("all_gather", ring),)))
+    return out
+
+
+def counted_bytes(calls: list[Call]) -> dict[str, int]:
+    """Bytes per CommCounter key of `calls`: what a CommCounter records for them."""
+    out: dict[str, int] = {}
+    for call in calls:
+        for key, b in call.parts:
+            out[key] = out.get(key, 0) + b
+    return out
+
+
+def comm_time(profile: HardwareProfile, calls: list[Call]) -> float:
+    """Predicted seconds of `calls` on `profile` (size-1 groups are free)."""
+    return sum(profile.cost(c.op, c.group).time(c.nbytes) for c in calls if c.group > 1)
 
 
 def crossover_tokens(
     profile: HardwareProfile, shape: Shape, fc2: Strategy, base: Strategy, max_tokens: int = 1 << 20
 ) -> int | None:
-    """Smallest token count from which `fc2`'s per-layer comm beats `base`'s, or None."""
+    """Smallest token count from which `fc2`'s per-layer comm beats `base`'s (None: not up to
+    max_tokens)."""
     def wins(t: int) -> bool:
-        return (comm_time(profile, layer_traffic(fc2, shape, t))
-                < comm_time(profile, layer_traffic(base, shape, t)))
+        return (comm_time(profile, layer_calls(fc2, shape, t))
+                < comm_time(profile, layer_calls(base, shape, t)))
 
     if not wins(max_tokens):
         return None
@@ -229,15 +259,50 @@ def crossover_tokens(
     return hi
 
 
-def oshard_window_fits(
-    profile: HardwareProfile, weight_bytes: float, group: int, k: int,
-    layer_flops: float, attn_flops: float,
-) -> tuple[bool, float, float]:
-    """(fits, broadcast seconds, compute window seconds) for one layer's prefetch.
+# ---- compute that hides an O-Shard broadcast ----------------------------------------------------
 
-    The broadcast of layer i+k starts at layer i's QKV; with k = 0 only QKV + attention hide
-    it, with k >= 1 roughly k whole layers do."""
-    bcast = profile.cost("broadcast", group).time(weight_bytes)
-    window_flops = attn_flops if k == 0 else k * layer_flops
-    window = window_flops / profile.matmul_flops_per_s
-    return bcast <= window, bcast, window
+
+def layer_flops(shape: Shape, tokens: int) -> tuple[float, float]:
+    """(whole-layer FLOPs, QKV + attention FLOPs) per rank for a prefill of `tokens` tokens."""
+    n, h, d = shape.tp, shape.hidden, shape.q_dim
+    kv = max(1, shape.kv_heads // n) * shape.head_dim
+    qkv = 2 * tokens * h * (d // n + 2 * kv)
+    attn = 2 * tokens * tokens * d // n  # causal QK^T + PV, halved by the mask
+    o = 2 * tokens * h * d // n
+    mlp = 2 * tokens * 3 * h * shape.intermediate // n
+    return float(qkv + attn + o + mlp), float(qkv + attn)
+
+
+def fetch_call(s: Strategy, shape: Shape) -> Call | None:
+    """The call that fetches one layer's layer-sharded W_o ([H, D/otp]) at dp = 1: a broadcast
+    from its owner over the odp ranks holding that slice (owner source), or an all-gather of
+    the odp resident [H, D/N] slices (gather source); None when o_proj is not layer-sharded."""
+    if s.oshard_k is None or not s.flashcomm2:
+        return None
+    n, odp = shape.tp, shape.tp // s.otp
+    if s.shard_source == ShardSource.GATHER:
+        nbytes = (odp - 1) * shape.hidden * (shape.q_dim // n) * shape.elt_bytes
+        return Call("all_gather", odp, (("fetch", nbytes),))
+    w_bytes = shape.hidden * shape.q_dim // s.otp * shape.elt_bytes
+    return Call("broadcast", odp, (("fetch", w_bytes),))
+
+
+def oshard_window_fits(profile: HardwareProfile, s: Strategy, shape: Shape,
+                       tokens: int) -> tuple[bool, float, float]:
+    """(fits, fetch seconds, compute window seconds) of one layer's W_o fetch at a prefill of
+    `tokens` tokens. The fetch of layer i+k starts at layer i's QKV; with k = 0 only QKV +
+    attention hide it, with k >= 1 roughly k whole layers do."""
+    call = fetch_call(s, shape)
+    if call is None:
+        return True, 0.0, 0.0
+    full, attn = layer_flops(shape, tokens)
+    fetch = comm_time(profile, [call])
+    window = (attn if s.oshard_k == 0 else s.oshard_k * full) / profile.matmul_flops_per_s
+    return fetch <= window, fetch, window
+
+
+def exposed_fetch_s(profile: HardwareProfile, s: Strategy, shape: Shape, tokens: int) -> float:
+    """Predicted W_o fetch time not hidden by compute, per step of `tokens` tokens (all layers;
+    0 unless `s` layer-shards o_proj)."""
+    _, fetch, window = oshard_window_fits(profile, s, shape, tokens)
+    return shape.layers * max(0.0, fetch - window)

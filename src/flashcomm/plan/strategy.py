@@ -20,6 +20,7 @@ from flashcomm.config import (
     ConfigError,
     FlashCommConfig,
     ShardSource,
+    divisors_below,
 )
 
 
@@ -44,9 +45,14 @@ class Strategy:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise once, here
-        set_(self, "attn_out", AttnOut(self.attn_out))
-        set_(self, "comm_dtype", CommDtype(self.comm_dtype))
-        set_(self, "shard_source", ShardSource(self.shard_source))
+        for name, cls in (("attn_out", AttnOut), ("comm_dtype", CommDtype),
+                          ("shard_source", ShardSource)):
+            value = getattr(self, name)
+            try:
+                set_(self, name, cls(value))
+            except ValueError:
+                raise ConfigError(f"{name}={value!r}: allowed values are "
+                                  f"{[m.value for m in cls]}") from None
         if self.attn_out == AttnOut.ALLREDUCE:
             if self.otp:
                 raise ConfigError(f"otp={self.otp} with attn_out='allreduce': otp > 0 means "
@@ -133,11 +139,6 @@ class Strategy:
         if cut is None or tokens < cut:
             return self.baseline()
         return replace(self.fixed(), oshard_k=None, shard_source=ShardSource.OWNER)
-
-
-def divisors_below(tp: int) -> list[int]:
-    """The otp values FlashComm2 allows at TP size `tp` (divisors of tp below it)."""
-    return [o for o in range(1, tp) if tp % o == 0]
 
 
 def candidates(tp: int, n_layers: int, otps: list[int] | None = None, *,

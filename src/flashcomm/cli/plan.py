@@ -1,0 +1,59 @@
+"""`flashcomm plan`: predicted memory and communication per strategy, and a recommendation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from flashcomm.config import parse_int
+from flashcomm.models.args import ModelArgs
+from flashcomm.models.random_checkpoint import demo_checkpoint
+from flashcomm.plan.auto import load_profile
+from flashcomm.plan.planner import GIB, make_plan
+
+
+def format_plan(plan: dict) -> str:
+    """The plan as a readable table."""
+    hdr = (f"{'strategy':<34} {'o_proj MiB':>10} {'weights MiB':>11} {'prefill ms':>10} "
+           f"{'decode ms':>9} {'crossover T':>11} {'hidden':>6} {'fits':>4}")
+    lines = [f"tp={plan['tp']}  profile={plan['profile']}  prefill T={plan['prefill_tokens']}  "
+             f"decode batch={plan['decode_batch']}", hdr, "-" * len(hdr)]
+    for r in plan["strategies"]:
+        hidden = {None: "-", True: "yes", False: "NO"}[r["oshard_hidden"]]
+        cross = "-" if r["crossover_tokens"] is None else str(r["crossover_tokens"])
+        lines.append(
+            f"{r['strategy']:<34} {r['o_proj_bytes'] / 2**20:>10.1f} "
+            f"{r['weight_bytes'] / 2**20:>11.1f} {r['prefill_comm_s'] * 1e3:>10.3f} "
+            f"{r['decode_comm_s'] * 1e3:>9.3f} {cross:>11} {hidden:>6} "
+            f"{'yes' if r['fits_budget'] else 'no':>4}")
+    rec = plan["recommendation"]
+    lines += ["", f"recommendation: {rec['strategy']}", f"  {rec['why']}"]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `flashcomm plan`."""
+    parser.add_argument("--model", required=True,
+                        help="checkpoint dir with config.json, or demo (the demo's checkpoint)")
+    parser.add_argument("--tp", required=True, help="tensor-parallel size")
+    parser.add_argument("--otp", action="append", help="only these otp values (repeatable)")
+    parser.add_argument("--memory-budget", type=float, help="weight memory per rank, GiB")
+    parser.add_argument("--profile", default="h100-nvlink",
+                        help="shipped profile (h100-nvlink, pcie-gen4) or a JSON file")
+    parser.add_argument("--prefill-tokens", type=int, default=4096)
+    parser.add_argument("--decode-batch", type=int, default=16)
+    parser.add_argument("--dtype-bytes", type=int, default=2, help="2 for bf16, 4 for fp32")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run `flashcomm plan`."""
+    model_dir = demo_checkpoint() if args.model == "demo" else args.model
+    plan = make_plan(
+        ModelArgs.from_dir(model_dir), parse_int("tp", args.tp), load_profile(args.profile),
+        otps=None if not args.otp else [parse_int("otp", o) for o in args.otp],
+        prefill_tokens=args.prefill_tokens, decode_batch=args.decode_batch, elt=args.dtype_bytes,
+        memory_budget_bytes=None if args.memory_budget is None else args.memory_budget * GIB,
+    )
+    print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
+    return 0

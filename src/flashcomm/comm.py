@@ -15,34 +15,12 @@ the formulas are exact integers (c = T_pad/N tokens, elt = bytes per element):
     otp_reduce_scatter (otp-1) * c*H*elt                      (= (otp-1)/N * T_pad*H*elt)
 The counters record these formulas whatever primitive runs underneath.
 
-Primitives per backend (`flashcomm bench comm --primitives` re-measures them). gloo, torch
-2.13, 2 shared CPU cores, fp32 [2048, 2048] tensor, 9 interleaved rounds, median (min) ms:
-    op              candidate                          N=2            N=4
-    reduce-scatter  reduce_scatter_single              32.0 (19.1)    51.0 (39.7)
-                    reduce_scatter (list)              21.3 (16.7)    48.6 (37.0)
-                    all_reduce + slice                 21.3 (17.9)    49.7 (40.4)
-                    N async reduce                     28.9 (16.6)    34.8 (27.5)
-                    all_to_all_single + local sum  *   17.1 (10.3)    27.0 (15.2)
-    all-gather      all_gather_single                  13.1 ( 7.9)    34.1 (16.6)
-                    all_gather (list) + cat            25.4 ( 7.7)    33.7 (22.2)
-                    all_to_all_single of copies        21.9 (11.5)    54.4 (16.7)
-                    N async broadcasts into slices *   11.5 ( 7.8)    22.8 (15.7)
-    all-to-all      all_to_all_single *  ([T, H/N])     6.5 ( 3.3)     4.7 ( 2.2)
-                    all_to_all (list)                   7.7 ( 5.6)     8.3 ( 4.5)
-                    batch_isend_irecv                   5.9 ( 2.7)     5.7 ( 3.1)
-    all-reduce      all_reduce *                       19.1 (15.5)    71.4 (51.4)
-                    all_to_all RS + broadcast AG       31.6 (17.7)    92.2 (51.9)
-gloo's ring reduce-scatter/all-gather lose to its pairwise all_to_all and to broadcasts, so
-on gloo (*) reduce-scatter is an all_to_all_single of the N chunks plus a local sum (same
-(N-1)/N bytes) and all-gather is N async broadcasts into the output's slices. NCCL keeps the
-native reduce_scatter_single / all_gather_single / all_to_all_single / all_reduce.
-Why FlashComm2 still lost on gloo at large T: every fresh multi-MiB CPU tensor was a new mmap
-that page-faults on first touch (a [8192, 2048] fp32 buffer: 41 ms to allocate and fill vs
-6.6 ms to copy into a warm one), and the composed collectives allocate their outputs while
-all_reduce works in place. flashcomm.launch now keeps freed memory in glibc's heap on CPU
-ranks; re-measured ([8192, 2048] fp32, median ms, N=2 / N=4): all_reduce 64 / 133 (incl. a
-9 / 15 ms clone), all_to_all RS 44 / 68, reduce_scatter_single 64 / 130, broadcast AG 28 / 59,
-all_gather_single 75 / 130: the choices above stand, by a wider margin.
+Primitives per backend: one implementation per op and backend, the fastest measured
+(`flashcomm bench comm --candidates` re-measures them; the figures are in BENCHMARKS.md). On
+gloo the reduce-scatter is an all_to_all_single of the N chunks plus a local sum (same (N-1)/N
+bytes) and the all-gather is N async broadcasts into the output's slices: gloo's ring
+collectives lose to both. NCCL keeps the native reduce_scatter_single / all_gather_single /
+all_to_all_single / all_reduce.
 
 int8 (`comm_dtype="int8"`): each token row of the all-to-all payload x `[T, D/N]` is sent as
 int8 q = round(x / s) with s = absmax(row) / 127, plus s in fp32 (packed as 4 extra bytes of
@@ -51,7 +29,7 @@ each output element obeys
     |y_int8 - y| <= sum over TP slices k of  absmax(x[t, slice k]) / 254 * ||W[h, slice k]||_1
 (plus the activation dtype's rounding of x_hat). tests/test_comm.py asserts this bound. For
 Gaussian activations and weights the measured relative Frobenius error of x @ W^T is 0.47%
-(D/N=16), 0.54% (32), 0.65% (128), 0.74% (512), 0.78% (1024): below `INT8_TYPICAL_REL_ERROR`.
+(D/N=16), 0.54% (32), 0.65% (128), 0.74% (512), 0.78% (1024): under 1%.
 """
 
 from __future__ import annotations
@@ -61,12 +39,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from flashcomm.config import CommDtype
 from flashcomm.groups import GroupHandle, ParallelGroups
-
-INT8_TYPICAL_REL_ERROR = 0.01
-"""Upper end of the measured relative Frobenius error of int8 exchange on Gaussian data."""
-
-COMM_DTYPES = ("auto", "int8")
 
 
 @dataclass
@@ -268,7 +242,8 @@ def _exchange(x: torch.Tensor, groups: ParallelGroups, int8: bool,
 
 
 def flashcomm2_o_proj(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      groups: ParallelGroups, *, flashcomm1: bool, comm_dtype: str = "auto",
+                      groups: ParallelGroups, *, flashcomm1: bool,
+                      comm_dtype: CommDtype | str = CommDtype.AUTO,
                       counter: CommCounter | None = None) -> torch.Tensor:
     """FlashComm2 o_proj: all-to-all before the projection; [T_pad/N, H] chunk (flashcomm1)
     or [T, H] (flashcomm1 off), equal to row-parallel o_proj + all-reduce."""
@@ -276,8 +251,9 @@ def flashcomm2_o_proj(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if not layout.otp or groups.odp is None or groups.otp is None:
         raise ValueError("flashcomm2_o_proj: FlashComm2 is off in this layout "
                          "(flashcomm2_otp=0); use row_parallel_o_proj or set otp >= 1")
-    if comm_dtype not in COMM_DTYPES:
-        raise ValueError(f"comm_dtype={comm_dtype!r}: allowed values are {COMM_DTYPES}")
+    if comm_dtype not in set(CommDtype):
+        raise ValueError(f"comm_dtype={comm_dtype!r}: allowed values are "
+                         f"{[d.value for d in CommDtype]}")
     n, odp, otp = layout.tp, layout.odp, layout.otp
     if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1] * odp:
         raise ValueError(
@@ -286,7 +262,7 @@ def flashcomm2_o_proj(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     num_tokens = x.shape[0]
     xp = pad_tokens(x, n)  # [T_pad, D/N]
     c = xp.shape[0] // n
-    mine = _exchange(xp, groups, comm_dtype == "int8", counter)  # [otp*c, D/otp]
+    mine = _exchange(xp, groups, comm_dtype == CommDtype.INT8, counter)  # [otp*c, D/otp]
     y = mine @ weight.t()  # [otp*c, H] partial over odp group's D/otp slice when otp > 1
     if otp > 1:
         _count(counter, "otp_reduce_scatter", (otp - 1) * c * _row_bytes(y))

@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run `flashcomm plan`."""
+    """Entry point of `flashcomm plan`: the model's args and a profile in, the plan printed."""
     model_dir = demo_checkpoint() if args.model == "demo" else args.model
     plan = make_plan(
         ModelArgs.from_dir(model_dir), parse_int("tp", args.tp), load_profile(args.profile),

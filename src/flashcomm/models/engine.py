@@ -83,9 +83,18 @@ class GenerationResult:
     """O-Shard: o_proj bytes received into the ring per forward step (0 otherwise)."""
     blocked_wait_ms: float = 0.0
     """O-Shard: host time blocked in series.wait during generation."""
+    prefill_fetch_bytes: int = 0
+    """Layer-sharded o_proj: weight bytes received into the ring during the prefill step."""
+    decode_fetch_bytes_per_step: float = 0.0
+    """Layer-sharded o_proj: mean weight bytes received per decode step (0 under the gather
+    source when decode takes the row-parallel path)."""
+    prefill_blocked_wait_ms: float = 0.0
+    """Layer-sharded o_proj: host time blocked in series.wait during the prefill step."""
+    decode_blocked_wait_ms_per_step: float = 0.0
+    """Layer-sharded o_proj: mean host time blocked in series.wait per decode step."""
 
     def to_dict(self) -> dict:
-        """JSON-ready fields."""
+        """Every field as plain lists, dicts and numbers (what json.dumps and pickling take)."""
         return asdict(self)
 
 
@@ -151,6 +160,7 @@ class Engine:
         self._sync()
         prefill_ms = (time.perf_counter() - t0) * 1e3
         prefill_comm = counter.total() if counter is not None else 0
+        st1 = series.stats() if series else None
 
         out = [nxt]  # kept on device: no host sync per step unless stopping at EOS
         done = torch.zeros(len(prompts), dtype=torch.bool)
@@ -183,6 +193,12 @@ class Engine:
             decode_comm_bytes_per_step=(total - prefill_comm) / max(steps, 1),
             fetch_bytes_per_step=(st.bytes_received - recv0) / (steps + 1) if st else 0.0,
             blocked_wait_ms=(st.blocked_wait_s - wait0) * 1e3 if st else 0.0,
+            prefill_fetch_bytes=st1.bytes_received - recv0 if st1 else 0,
+            decode_fetch_bytes_per_step=(st.bytes_received - st1.bytes_received) / max(steps, 1)
+            if st else 0.0,
+            prefill_blocked_wait_ms=(st1.blocked_wait_s - wait0) * 1e3 if st1 else 0.0,
+            decode_blocked_wait_ms_per_step=(st.blocked_wait_s - st1.blocked_wait_s) * 1e3
+            / max(steps, 1) if st else 0.0,
         )
 
     def _next_tokens(self, logits: Tensor, temperature: float, gen: torch.Generator) -> Tensor:

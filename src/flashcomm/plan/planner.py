@@ -27,7 +27,7 @@ GIB = 1 << 30
 
 @dataclass(frozen=True)
 class PlanRow:
-    """Predictions for one strategy."""
+    """One strategy's predicted memory per rank, communication per step and W_o fetch."""
 
     strategy: str
     """Strategy label."""

@@ -63,13 +63,9 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(
-    rank: int,
-    world: int,
-    backend: str | None = None,
-    group_timeout_s: float = DEFAULT_GROUP_TIMEOUT_S,
-    init_method: str | None = None,
-) -> torch.device:
+def init_distributed(rank: int, world: int, backend: str | None = None,
+                     group_timeout_s: float = DEFAULT_GROUP_TIMEOUT_S,
+                     init_method: str | None = None) -> torch.device:
     """Initialise the default group (env:// unless `init_method` is given); return the device."""
     backend = backend or default_backend()
     device = torch.device("cpu")
@@ -77,14 +73,9 @@ def init_distributed(
         local = int(os.environ.get("LOCAL_RANK", rank))
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-    dist.init_process_group(
-        backend,
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=group_timeout_s),
-        init_method=init_method,
-        device_id=device if backend == "nccl" else None,
-    )
+    dist.init_process_group(backend, rank=rank, world_size=world, init_method=init_method,
+                            timeout=timedelta(seconds=group_timeout_s),
+                            device_id=device if backend == "nccl" else None)
     return device
 
 
@@ -152,17 +143,15 @@ class _Rank:
     stack: str = ""
 
     @property
-    def reported(self) -> bool:
-        return self.has_result or self.error is not None
-
-    @property
     def done(self) -> bool:
-        return self.reported or self.exitcode is not None
+        """Sent its result or error, or ended."""
+        return self.has_result or self.error is not None or self.exitcode is not None
 
     @property
     def died(self) -> bool:
         """Ended on its own without sending a result or an error."""
-        return self.exitcode is not None and not self.reported and not self.stopped
+        return (self.exitcode is not None and not self.has_result and self.error is None
+                and not self.stopped)
 
     def receive(self) -> None:
         """Read one message from the rank (EOF closes the pipe)."""
@@ -232,28 +221,17 @@ def _stop(ranks: list[_Rank], why: str) -> None:
         with contextlib.suppress(OSError):
             os.kill(r.proc.pid, _STACK_SIGNAL)
     t_end = time.monotonic() + _DUMP_WAIT_S
-    sizes: dict[int, int] = {}
     while dumping and time.monotonic() < t_end:
-        time.sleep(0.1)
-        now = {r.rank: _size(r.stack_file) for r in dumping}
-        if all(now.values()) and now == sizes:
+        time.sleep(0.1)  # faulthandler writes a dump at once, from its C signal handler
+        if all(os.path.getsize(r.stack_file) for r in dumping):
             break
-        sizes = now
     for r in ranks:
-        with contextlib.suppress(OSError):
-            with open(r.stack_file) as f:
-                r.stack = f.read().strip()
+        with contextlib.suppress(OSError), open(r.stack_file) as f:
+            r.stack = f.read().strip()
         r.stopped = why
         r.kill()
         r.proc.join(timeout=5.0)
         r.exitcode = r.proc.exitcode
-
-
-def _size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
 
 
 def _status(code: int | None) -> str:
@@ -325,34 +303,48 @@ CPU_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 35), "MALLOC_TRIM_THRESHOLD
 
 
 @contextlib.contextmanager
-def _cpu_malloc_env(backend: str) -> Iterator[None]:
-    """Spawned CPU ranks inherit CPU_MALLOC_ENV (glibc reads it at process start)."""
-    added = {k: v for k, v in CPU_MALLOC_ENV.items() if k not in os.environ}
-    if backend != "gloo":
-        added = {}
-    os.environ.update(added)
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """os.environ with `values` set, for the processes started inside; restored afterwards."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        for k in added:
-            os.environ.pop(k, None)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _rank_env(backend: str) -> dict[str, str]:
+    """Spawned CPU ranks get CPU_MALLOC_ENV (glibc reads it at process start) unless set."""
+    if backend != "gloo":
+        return {}
+    return {k: v for k, v in CPU_MALLOC_ENV.items() if k not in os.environ}
+
+
+def _start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker, which the ranks share, unless it runs already.
+    A rank the launcher SIGKILLs cannot release its named semaphores (multiprocessing locks such
+    as tqdm's); the tracker unlinks them when the launcher exits, and is told not to warn about
+    these expected leaks (a Ctrl-C would otherwise end in two lines of warnings)."""
+    from multiprocessing import resource_tracker
+
+    quiet = "ignore::UserWarning:multiprocessing.resource_tracker"
+    old = os.environ.get("PYTHONWARNINGS")
+    with _environ({"PYTHONWARNINGS": f"{old},{quiet}" if old else quiet}):
+        resource_tracker.ensure_running()
 
 
 class _InitFailure(RankFailure):
     """Process-group initialisation raised on some rank and no rank died: worth a restart."""
 
 
-def run_local(
-    fn: Callable[..., Any],
-    nproc: int,
-    *args: Any,
-    backend: str = "gloo",
-    timeout_s: float = 300.0,
-    group_timeout_s: float = DEFAULT_GROUP_TIMEOUT_S,
-    threads_per_rank: int | None = None,
-    init_retries: int = 2,
-    grace_s: float = DEFAULT_GRACE_S,
-) -> list[Any]:
+def run_local(fn: Callable[..., Any], nproc: int, *args: Any, backend: str = "gloo",
+              timeout_s: float = 300.0, group_timeout_s: float = DEFAULT_GROUP_TIMEOUT_S,
+              threads_per_rank: int | None = None, init_retries: int = 2,
+              grace_s: float = DEFAULT_GRACE_S) -> list[Any]:
     """Call `fn(rank, world, *args)` on `nproc` spawned ranks and return their results by rank.
 
     `fn` must be importable (module level) and its result picklable. Raises RankFailure when a
@@ -382,7 +374,8 @@ def _run_once(fn: Callable[..., Any], nproc: int, args: tuple, backend: str, tim
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // nproc)
     ranks: list[_Rank] = []
     try:
-        with _cpu_malloc_env(backend):
+        _start_resource_tracker()
+        with _environ(_rank_env(backend)):
             for r in range(nproc):
                 reader, writer = ctx.Pipe(duplex=False)
                 stack_file = os.path.join(store_dir, f"rank{r}.stack")

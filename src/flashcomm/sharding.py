@@ -235,8 +235,9 @@ class ShardedSeries:
 
     # ---- forward ---------------------------------------------------------------------------
 
-    def prefetch(self, layer_idx: int) -> None:
-        """Layer i begins (its QKV): start broadcasting layer start + ((i - start + k) mod L)."""
+    def prefetch(self, layer_idx: int, full: bool = True) -> None:
+        """Layer i begins (its QKV): start broadcasting layer start + ((i - start + k) mod L).
+        `full` (GatheredSeries' per-step path) is ignored: the owner ring turns on every step."""
         self._need_finalized("prefetch")
         expected = self._start + self._writes % self._num_layers
         if layer_idx != expected or self._writes != self._reads:
@@ -263,8 +264,9 @@ class ShardedSeries:
         else:
             self._bytes_received += nbytes
 
-    def wait(self, layer_idx: int) -> torch.Tensor:
-        """The post-processed weight of layer i; waits only for that layer's broadcast."""
+    def wait(self, layer_idx: int, full: bool = True) -> torch.Tensor:
+        """The post-processed weight of layer i; waits only for that layer's broadcast (`full`
+        is ignored: a row-parallel step slices its own columns out of it)."""
         self._need_finalized("wait")
         t0 = time.perf_counter()
         slot = self._reads % (self.k + 1)

@@ -106,7 +106,9 @@ def summary(results: list[dict], cfg: FlashCommConfig) -> dict:
             {k: r[k] for k in ("rank", "o_proj_bytes", "weight_bytes", "kv_cache_bytes",
                                "comm_bytes", "comm_bytes_by_op", "prefill_comm_bytes",
                                "decode_comm_bytes_per_step", "fetch_bytes_per_step",
-                               "blocked_wait_ms")}
+                               "blocked_wait_ms", "prefill_fetch_bytes",
+                               "decode_fetch_bytes_per_step", "prefill_blocked_wait_ms",
+                               "decode_blocked_wait_ms_per_step")}
             for r in results
         ],
         **({"auto": r0["auto"]} if "auto" in r0 else {}),

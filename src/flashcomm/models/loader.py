@@ -11,7 +11,7 @@ Nothing is unpickled: only config.json, the safetensors index and safetensors fi
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from flashcomm.comm import CommCounter
 from flashcomm.config import ConfigError, FlashCommConfig
+from flashcomm.gathered import GatheredSeries
 from flashcomm.groups import ParallelGroups
 from flashcomm.models.moe import MOE_TENSOR_NAMES
 from flashcomm.models.transformer import CheckpointError, ModelArgs, TPContext, TPPlan, Transformer
@@ -223,7 +224,8 @@ def build_model(
     counter: CommCounter | None = None,
 ) -> Transformer:
     """This rank's Transformer on the meta device (no weights yet), with its TPContext and,
-    when o_proj is layer-sharded, its empty ShardedSeries."""
+    when o_proj is layer-sharded, its empty series (ShardedSeries, or GatheredSeries under
+    shard_source=gather: every rank then holds stock TP's D/N columns of W_o)."""
     tp = 1 if groups is None else groups.tp.size
     if groups is not None and tp != cfg.tp:
         raise ConfigError(f"tp={cfg.tp}: the TP group has {tp} ranks")
@@ -235,7 +237,14 @@ def build_model(
     plan = TPPlan.build(args, tp, tp_rank, cfg.flashcomm2_otp if groups is not None else 0,
                         groups is not None and cfg.expert_parallel)
     series = None
-    if groups is not None and "o_proj" in cfg.layer_sharding:
+    if groups is not None and cfg.gather_source:  # each rank reads stock TP's D/N columns
+        if groups.fetch is None:
+            raise ConfigError("shard_source='gather': build ParallelGroups with 'o_proj' in "
+                              "shard_weights (ParallelGroups.from_config does) for its group")
+        hd = args.head_dim
+        plan = replace(plan, o_cols=(plan.q_heads[0] * hd, plan.q_heads[1] * hd))
+        series = GatheredSeries("o_proj", groups.fetch, cfg.prefetch_step)
+    elif groups is not None and "o_proj" in cfg.layer_sharding:
         series = ShardedSeries("o_proj", groups.shard["o_proj"], cfg.prefetch_step)
     ctx = TPContext(cfg, groups, counter, series)
     with torch.device("meta"):

@@ -11,7 +11,8 @@ dimension ([T, H], token dim first), which is exactly FlashComm's token dimensio
   * down_proj is row-parallel (partial sums, then all-reduce, or reduce-scatter with FlashComm1);
   * o_proj follows the strategy: row-parallel + all-reduce ("allreduce"), or FlashComm2's
     all-to-all before a replicated W_o (full [H, D] at otp=1, the [H, D/otp] slice otherwise),
-    optionally layer-sharded through a ShardedSeries (prefetch at QKV start, wait at o_proj);
+    optionally layer-sharded through a ShardedSeries (prefetch at QKV start, wait at o_proj)
+    or a GatheredSeries (resident D/N slices, gathered on FlashComm2 steps only);
   * with FlashComm1 the residual stream between layers is this rank's token chunk [T_pad/N, H];
   * embeddings, final norm and lm_head are replicated on every rank (simplest; small models).
 """
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 
 from flashcomm import comm
 from flashcomm.config import AUTO, ConfigError, FlashCommConfig
+from flashcomm.gathered import GatheredSeries
 from flashcomm.groups import GroupHandle, ParallelGroups
 from flashcomm.models.args import CheckpointError, ModelArgs, rope_inv_freq
 from flashcomm.models.moe import MoEFeedForward, expert_split
@@ -112,8 +114,8 @@ class TPContext:
     """This rank's process groups; None for the single-process reference."""
     counter: comm.CommCounter | None = None
     """Bytes moved by this rank's collectives."""
-    o_series: ShardedSeries | None = None
-    """The layer-sharded o_proj weights (None when o_proj is not layer-sharded)."""
+    o_series: ShardedSeries | GatheredSeries | None = None
+    """The layer-sharded o_proj weights, owner or gather source (None when not layer-sharded)."""
 
     def __post_init__(self) -> None:
         if self.cfg.flashcomm2_min_tokens == AUTO:
@@ -190,9 +192,10 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, step: Step, cache: KVCache, ctx: TPContext) -> Tensor:
         """x [T, H] -> [T, H], or [T_pad/N, H] with FlashComm1."""
-        if ctx.o_series is not None:
-            ctx.o_series.prefetch(self.layer_idx)  # overlaps QKV + attention (k = 0) or more
         t, hd = x.shape[0], self.head_dim
+        if ctx.o_series is not None:  # overlaps QKV + attention (k = 0) or more; the gather
+            # source moves nothing on a row-parallel step (full=False)
+            ctx.o_series.prefetch(self.layer_idx, full=ctx.cfg.flashcomm2_step(t))
         q = self.wq(x).view(t, self.n_q, hd)
         k = self.wk(x).view(t, self.n_kv, hd)
         v = self.wv(x).view(t, self.n_kv, hd)
@@ -212,15 +215,16 @@ class Attention(nn.Module):
 
     def o_proj(self, x: Tensor, ctx: TPContext) -> Tensor:
         """x [T, D/N] -> [T, H] (or [T_pad/N, H] with FlashComm1), bias added once."""
-        w = ctx.o_series.wait(self.layer_idx) if ctx.o_series is not None else self.wo
+        fc2 = ctx.groups is not None and ctx.cfg.flashcomm2_step(x.shape[0])
+        w = self.wo if ctx.o_series is None else ctx.o_series.wait(self.layer_idx, full=fc2)
         if ctx.groups is None:
             return F.linear(x, w, self.o_bias)
         fc1 = ctx.cfg.flashcomm1
-        if ctx.cfg.flashcomm2_step(x.shape[0]):
+        if fc2:
             return comm.flashcomm2_o_proj(x, w, self.o_bias, ctx.groups, flashcomm1=fc1,
                                           comm_dtype=ctx.cfg.comm_dtype, counter=ctx.counter)
-        if ctx.cfg.flashcomm2:  # few tokens: row-parallel on W_o's own D/N columns, no copy
-            w = w[:, self.own_cols[0]:self.own_cols[1]]
+        if w.shape[1] != x.shape[1]:  # few tokens: row-parallel on W_o's own D/N columns
+            w = w[:, self.own_cols[0]:self.own_cols[1]]  # (the gather source's is resident)
         return comm.row_parallel_o_proj(x, w, self.o_bias, ctx.groups.tp, flashcomm1=fc1,
                                         counter=ctx.counter)
 

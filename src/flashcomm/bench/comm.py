@@ -33,7 +33,7 @@ from flashcomm.comm import (
     reduce_scatter_tokens,
     row_parallel_o_proj,
 )
-from flashcomm.config import AttnOut, CommDtype
+from flashcomm.config import AttnOut, CommDtype, ConfigError
 from flashcomm.groups import GroupHandle, ParallelGroups
 from flashcomm.launch import run_local
 from flashcomm.layout import ParallelLayout
@@ -292,7 +292,7 @@ def main(args: argparse.Namespace) -> int:
     for n in args.world:
         for d in args.attn_dim:
             if d % n:
-                raise SystemExit(f"--attn-dim {d} must be divisible by N={n}")
+                raise ConfigError(f"attn_dim={d}: must be divisible by N={n} (--attn-dim, --world)")
         start = time.monotonic()
         res = run_local(_strategy_worker, n, args.tokens, args.hidden, args.attn_dim, args.rounds,
                         args.candidates, timeout_s=args.timeout, group_timeout_s=300)[0]

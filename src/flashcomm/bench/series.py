@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from flashcomm.config import ConfigError
 from flashcomm.groups import GroupHandle
 from flashcomm.launch import run_local
 from flashcomm.sharding import ShardedSeries
@@ -216,9 +217,10 @@ def main(args: argparse.Namespace) -> int:
     """Run the benchmark, print a table and write series.json (+ series.png) to --out."""
     ks = [int(k) for k in str(args.ks).split(",") if k.strip()]
     if args.nproc < 2:
-        raise SystemExit("bench series: --nproc must be >= 2 (a shard group to fetch from)")
+        raise ConfigError(f"nproc={args.nproc}: must be >= 2 (a shard group to fetch from)")
     if not all(0 <= k <= args.layers - 2 for k in ks):
-        raise SystemExit(f"bench series: --ks {ks} must lie in 0..L-2 = {args.layers - 2}")
+        raise ConfigError(f"ks={ks}: must lie in [0, L-2] = [0, {args.layers - 2}] "
+                          "(--ks, --layers)")
     cfg = {"nproc": args.nproc, "layers": args.layers, "hidden": args.hidden,
            "tokens": args.tokens, "ks": ks, "passes": args.passes,
            "window_ratio": args.window_ratio, "pre_fraction": args.pre_fraction,

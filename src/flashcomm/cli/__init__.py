@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except FlashCommError as e:
-        print(f"flashcomm {args.command}: error: {e}", file=sys.stderr)
+        name = " ".join(n for n in (args.command, getattr(args, "bench", None)) if n)
+        print(f"flashcomm {name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # the launcher has already killed every rank
         print(f"flashcomm {args.command}: interrupted", file=sys.stderr)

@@ -27,6 +27,7 @@ def test_labels_and_config_of_the_rows_other_code_names() -> None:
         fc2: "fc2",
         Strategy("flashcomm2", 2, flashcomm1=True, comm_dtype="int8"): "fc2(otp=2)+fc1+int8",
         Strategy("flashcomm2", 1, min_tokens=64): "fc2(min=64)",
+        Strategy("flashcomm2", 2, min_tokens=None): "fc2(otp=2,min=never)",
         Strategy("flashcomm2", 1, oshard_k=1): "fc2+oshard(k=1)",
         Strategy("flashcomm2", 1, oshard_k=1, shard_source="gather"): "fc2+gather(k=1)",
         Strategy("auto", 1, oshard_k=1, shard_source="gather"): "auto+gather(k=1)",
@@ -51,6 +52,10 @@ def test_paths_of_thresholds_and_auto() -> None:
     assert auto.fixed() == fc2 and auto.baseline() == Strategy(flashcomm1=True)
     assert [auto.path(t, 8) for t in (7, 8)] == [Strategy(flashcomm1=True), fc2]
     assert auto.path(10**9, None) == Strategy(flashcomm1=True)
+    # auto resolved to "never" (flashcomm2_min_tokens=None): every step takes the all-reduce
+    never = FlashCommConfig(tp=2, flashcomm2_otp=1, flashcomm2_min_tokens=None).validate(2)
+    assert Strategy.from_config(never).path(10**9) == Strategy()
+    assert Strategy.from_config(never).to_config(2) == never
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -40,8 +40,12 @@ class Strategy:
     """Prefetch step k when o_proj is layer-sharded; None when it is resident."""
     shard_source: ShardSource = ShardSource.OWNER
     """Where a layer-sharded W_o comes from (owner broadcast or gather of TP slices)."""
-    min_tokens: int = 0
-    """flashcomm2 only: steps with fewer tokens take the all-reduce path."""
+    min_tokens: int | None = 0
+    """flashcomm2 only: steps with fewer tokens take the all-reduce path (None: every step,
+    what auto resolves to when FlashComm2 never wins)."""
+    expert_parallel: bool = False
+    """MoE models: E/N whole experts per rank, tokens exchanged by all-to-all (the MLP's
+    collectives; the cost model leaves them out: their bytes depend on the routing)."""
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise once, here
@@ -57,12 +61,12 @@ class Strategy:
             if self.otp:
                 raise ConfigError(f"otp={self.otp} with attn_out='allreduce': otp > 0 means "
                                   "FlashComm2; use attn_out='flashcomm2' or otp=0")
-            if self.min_tokens:
+            if self.min_tokens != 0:
                 raise ConfigError(f"min_tokens={self.min_tokens} with attn_out='allreduce': "
                                   "the threshold chooses FlashComm2 per step; it needs FlashComm2")
         elif self.otp == 0:
             set_(self, "otp", 1)
-        if self.attn_out == AttnOut.AUTO and self.min_tokens:
+        if self.attn_out == AttnOut.AUTO and self.min_tokens != 0:
             raise ConfigError(f"min_tokens={self.min_tokens} with attn_out='auto': auto sets "
                               "the threshold itself")
 
@@ -76,7 +80,7 @@ class Strategy:
                    comm_dtype=cfg.comm_dtype,
                    oshard_k=cfg.prefetch_step if "o_proj" in cfg.layer_sharding else None,
                    shard_source=cfg.shard_source,
-                   min_tokens=0 if mt == AUTO else int(mt))
+                   min_tokens=0 if mt == AUTO else mt, expert_parallel=cfg.expert_parallel)
 
     def to_config(self, tp: int, **knobs: Any) -> FlashCommConfig:
         """A validated FlashCommConfig of this strategy at TP size `tp`; `knobs` sets others
@@ -88,7 +92,7 @@ class Strategy:
             layer_sharding=("o_proj",) if sharded else (),
             shard_source=self.shard_source if sharded else ShardSource.OWNER,
             prefetch_step=self.oshard_k if sharded else FlashCommConfig.prefetch_step,
-            comm_dtype=self.comm_dtype)
+            comm_dtype=self.comm_dtype, expert_parallel=self.expert_parallel)
         return replace(cfg, **knobs).validate()
 
     # ---- names -------------------------------------------------------------------------------
@@ -100,7 +104,8 @@ class Strategy:
             s = "flashcomm1" if self.flashcomm1 else "allreduce"
         else:
             params = [f"otp={self.otp}"] if self.otp != 1 else []
-            params += [f"min={self.min_tokens}"] if self.min_tokens else []
+            if self.min_tokens != 0:
+                params.append(f"min={'never' if self.min_tokens is None else self.min_tokens}")
             head = "fc2" if self.attn_out == AttnOut.FLASHCOMM2 else "auto"
             s = head + (f"({','.join(params)})" if params else "")
             s += "+fc1" if self.flashcomm1 else ""
@@ -108,7 +113,7 @@ class Strategy:
         if self.oshard_k is not None:
             src = "oshard" if self.shard_source == ShardSource.OWNER else "gather"
             s += f"+{src}(k={self.oshard_k})"
-        return s
+        return s + ("+ep" if self.expert_parallel else "")
 
     def __str__(self) -> str:
         return self.label

@@ -229,7 +229,9 @@ def summarize(records: list[dict]) -> None:
         r["comm_ratio_to_all_reduce"] = r["comm_median_s"] / max(
             base[(n, t, d)]["comm_median_s"], 1e-9)
         if r["otp"]:
-            rs = (n - 1) * (-(-t // n)) * h * ELT  # the FlashComm1 reduce-scatter it replaces
+            # the FlashComm1 reduce-scatter it replaces
+            rs = counted_bytes(attn_out_calls(Strategy(flashcomm1=True), shape, t))[
+                "reduce_scatter"]
             sent = r["bytes_sent"]
             r["all_to_all_over_reduce_scatter"] = sent["all_to_all"] / rs
             r["exchange_over_reduce_scatter"] = (

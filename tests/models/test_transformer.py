@@ -117,3 +117,19 @@ def test_model_step_builds_rope_and_masks_once(hf_checkpoints) -> None:
     with pytest.raises(ValueError, match="Transformer.step"):
         model(torch.tensor([1, 2, 3, 4]), Step.build([4, 0], [1, 3], torch.device("cpu")),
               model.allocate_cache(2, 8))
+
+
+def test_tp_context_is_frozen_and_takes_a_resolved_threshold() -> None:
+    from dataclasses import FrozenInstanceError
+
+    from flashcomm.config import ConfigError
+    from flashcomm.models.transformer import TPContext
+
+    ctx = TPContext(FlashCommConfig(tp=2, flashcomm2_otp=1, flashcomm2_min_tokens=8))
+    with pytest.raises(FrozenInstanceError):
+        ctx.counter = None
+    assert [ctx.cfg.flashcomm2_step(t) for t in (7, 8)] == [False, True]
+    never = TPContext(FlashCommConfig(tp=2, flashcomm2_otp=1, flashcomm2_min_tokens=None))
+    assert not never.cfg.flashcomm2_step(10**9)
+    with pytest.raises(ConfigError, match="flashcomm2_min_tokens='auto': resolve it"):
+        TPContext(FlashCommConfig(tp=2, flashcomm2_otp=1, flashcomm2_min_tokens="auto"))

@@ -9,7 +9,10 @@ One spawned group per N runs every (strategy, checkpoint) pair.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +26,8 @@ from flashcomm.layout import ParallelLayout
 from flashcomm.models.args import CheckpointError, ModelArgs
 from flashcomm.models.engine import Engine
 from flashcomm.models.moe import MoEFeedForward
+from flashcomm.plan.planner import weight_bytes_per_rank
+from flashcomm.plan.strategy import Strategy
 
 NEW_TOKENS = 12
 FEW = [[7] * 6]  # identical tokens route identically: only a few experts get any token
@@ -269,10 +274,12 @@ def test_every_strategy_matches_transformers(moe_checkpoints, hf_reference, n) -
                 assert got["few"] == ref["few"], where
                 ep_bytes = sum(v for op, v in got["comm"].items() if op.startswith("ep_"))
                 assert (ep_bytes > 0) == cfg.expert_parallel, (where, got["comm"])
-                # E/N whole experts weigh what 1/N of every expert does
+                # E/N whole experts weigh what 1/N of every expert does, as the planner counts
                 plain = out["fc2" if cfg.flashcomm2 else "allreduce", ck]
                 if "o_proj" not in cfg.layer_sharding:
                     assert got["weight_bytes"] == plain["weight_bytes"], where
+                    planned = weight_bytes_per_rank(args, n, Strategy.from_config(cfg), 4)
+                    assert got["weight_bytes"] == planned[1], where
                 experts = {int(s.split(".")[5]) for s in got["read"] if ".experts." in s}
                 per = args.n_experts // n
                 want = range(rank * per, (rank + 1) * per) if cfg.expert_parallel else range(8)
@@ -291,3 +298,17 @@ def test_mlp_weight_counts_match_the_loaded_model(moe_checkpoints) -> None:
             if isinstance(b.feed_forward, MoEFeedForward) else
             sum(p.numel() for p in b.feed_forward.parameters()) for b in blocks]
         assert args.mlp_active_weights(1) == sum(per_token) / len(blocks), ck
+
+
+def test_demo_moe_rows_are_identical(tmp_path) -> None:
+    env = {**os.environ, "FLASHCOMM_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "flashcomm.cli", "demo", "--model", "moe",
+                          "--nproc", "2", "--max-new-tokens", "3"],
+                         capture_output=True, text=True, timeout=240, env=env)
+    assert out.returncode == 0, out.stderr
+    args = ModelArgs.from_dir(tmp_path / "demo-qwen3-moe-v1")
+    assert args.is_moe and args.moe_layers == (1, 2, 3)  # layer 0 is dense
+    rows = {line.split()[0]: line for line in out.stdout.splitlines()
+            if line.startswith(("allreduce", "fc2"))}
+    assert {"allreduce", "fc2", "allreduce+ep", "fc2+ep"} <= set(rows), out.stdout
+    assert all("identical" in r for r in rows.values()), out.stdout

@@ -30,6 +30,7 @@ from flashcomm.models.args import ModelArgs
 from flashcomm.models.random_checkpoint import (
     cached_checkpoint,
     demo_checkpoint,
+    moe_demo_checkpoint,
     small_llama_config,
 )
 from flashcomm.plan.strategy import Strategy
@@ -46,14 +47,18 @@ SMALL_STEP_TOKENS = 1024
 SMALL_STEP_FACTOR = 3
 
 
-def strategy_rows(n: int, n_layers: int) -> list[Strategy]:
-    """The strategies of the benchmark at TP size n (otp=2 and k <= L-2 only where valid)."""
+def strategy_rows(n: int, n_layers: int, moe: bool = False) -> list[Strategy]:
+    """The strategies of the benchmark at TP size n (otp=2 and k <= L-2 only where valid; expert
+    parallel, alone and with FlashComm2 / FlashComm1, for an MoE model)."""
     fc2 = Strategy(AttnOut.FLASHCOMM2, otp=1)
     rows = [Strategy(), Strategy(flashcomm1=True), fc2]
     if n > 2 and n % 2 == 0:
         rows.append(Strategy(AttnOut.FLASHCOMM2, otp=2))
     rows += [replace(fc2, oshard_k=k) for k in range(3) if k <= n_layers - 2]
     rows += [replace(fc2, comm_dtype=CommDtype.INT8), replace(fc2, attn_out=AttnOut.AUTO)]
+    if moe:
+        ep = [Strategy(), fc2, replace(fc2, flashcomm1=True)]
+        rows += [replace(s, expert_parallel=True) for s in ep]
     return rows
 
 
@@ -113,7 +118,7 @@ def e2e_rank(rank: int, world: int, model_dir: str, opts: dict) -> dict:
     from flashcomm.plan.planner import model_shape
 
     args = ModelArgs.from_dir(model_dir)
-    rows = strategy_rows(world, args.n_layers)
+    rows = strategy_rows(world, args.n_layers, args.is_moe)
     if opts.get("strategies"):
         rows = [r for r in rows if r.label in opts["strategies"] or r == Strategy()]
     grid = cases(opts["prefill"], opts["decode"])
@@ -210,7 +215,8 @@ def e2e_rank(rank: int, world: int, model_dir: str, opts: dict) -> dict:
         "rank": 0, "memory": memory,
         "model": {"dir": model_dir, "layers": args.n_layers, "hidden": args.dim,
                   "q_dim": args.q_dim, "intermediate": args.intermediate_size,
-                  "heads": args.n_heads, "kv_heads": args.n_kv_heads, "elt_bytes": elt},
+                  "heads": args.n_heads, "kv_heads": args.n_kv_heads, "elt_bytes": elt,
+                  "experts": args.n_experts, "moe_layers": list(args.moe_layers)},
         "shape": asdict(model_shape(args, world, elt)),
         "N": world, "threads_per_rank": torch.get_num_threads(), "torch": torch.__version__,
         "backend": dist.get_backend(), "repeats": reps, "decode_context": ctx_len,
@@ -243,7 +249,8 @@ def _ints(text: str) -> list[int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `flashcomm bench e2e`."""
-    parser.add_argument("--model", default="demo", help="checkpoint directory, or demo")
+    parser.add_argument("--model", default="demo",
+                        help="checkpoint directory, demo, or moe (flashcomm demo --model moe's)")
     parser.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="small",
                         help="with --model demo: which cached random checkpoint")
     parser.add_argument("--nproc", type=int, default=4, help="TP size N")
@@ -259,6 +266,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def model_dir(model: str, size: str) -> Path:
     """The checkpoint directory: DIR as given, or the cached demo-like random checkpoint."""
+    if model == "moe":
+        return moe_demo_checkpoint()
     if model != "demo":
         return Path(model)
     if MODEL_SIZES[size] is None:
@@ -277,7 +286,8 @@ def main(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         raise ConfigError(f"repeats={args.repeats}: must be >= 1")
     path = model_dir(args.model, args.model_size)
-    known = [r.label for r in strategy_rows(args.nproc, ModelArgs.from_dir(path).n_layers)]
+    m = ModelArgs.from_dir(path)
+    known = [r.label for r in strategy_rows(args.nproc, m.n_layers, m.is_moe)]
     unknown = sorted(set(args.strategies.split(",") if args.strategies else ()) - set(known))
     if unknown:
         raise ConfigError(f"strategies={unknown}: not strategies of this run; allowed: {known}")

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from flashcomm.models.launcher import run_demo
-from flashcomm.models.random_checkpoint import demo_checkpoint
+from flashcomm.models.random_checkpoint import demo_checkpoint, moe_demo_checkpoint
 
 
 def format_table(names: list[str], per_rank: list[list[dict]], reference: list[list[int]]) -> str:
@@ -42,7 +42,8 @@ def format_table(names: list[str], per_rank: list[list[dict]], reference: list[l
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `flashcomm demo`."""
-    parser.add_argument("--model", help="checkpoint directory (default: the cached demo model)")
+    parser.add_argument("--model", help="checkpoint directory, or 'moe' for the cached random "
+                        "Qwen3-MoE (default: the cached demo Llama)")
     parser.add_argument("--nproc", type=int, default=4, help="TP size")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--prefetch-step", type=int, default=1, help="O-Shard prefetch step k")
@@ -51,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Entry point of `flashcomm demo`."""
     t0 = time.perf_counter()
-    model = Path(args.model) if args.model else demo_checkpoint()
+    model = moe_demo_checkpoint() if args.model == "moe" else \
+        Path(args.model) if args.model else demo_checkpoint()
     res = run_demo(model, args.nproc, args.max_new_tokens, args.prefetch_step)
     m, prompts = res["args"], res["prompts"]
     print(f"model {model} ({m.n_layers} layers, hidden {m.dim}, {m.n_heads} heads, "

@@ -105,14 +105,16 @@ def run_spec(spec: RunSpec, nproc: int, timeout_s: float = 600.0) -> list[dict] 
 # ---- the demo ------------------------------------------------------------------------------
 
 
-def demo_rows(tp: int, prefetch_step: int = 1) -> list[Strategy]:
-    """The strategies the demo compares: all-reduce, FlashComm2 (+FlashComm1, +O-Shard) and
-    FlashComm2 otp=2 where tp allows it."""
+def demo_rows(tp: int, prefetch_step: int = 1, moe: bool = False) -> list[Strategy]:
+    """The strategies the demo compares: all-reduce, FlashComm2 (+FlashComm1, +O-Shard),
+    FlashComm2 otp=2 where tp allows it, and for an MoE model expert parallelism (+FlashComm2)."""
     fc2 = Strategy("flashcomm2", otp=1)
     rows = [Strategy(), fc2, Strategy("flashcomm2", 1, flashcomm1=True),
             Strategy("flashcomm2", 1, oshard_k=prefetch_step)]
     if tp > 2 and tp % 2 == 0:
         rows.append(Strategy("flashcomm2", otp=2))
+    if moe:
+        rows += [Strategy(expert_parallel=True), Strategy("flashcomm2", 1, expert_parallel=True)]
     return rows
 
 
@@ -138,7 +140,7 @@ def run_demo(model: str | Path, nproc: int, max_new_tokens: int, prefetch_step: 
     ref = Engine.from_checkpoint(model, FlashCommConfig(), None, progress=False)
     prompts = ref.encode(list(DEMO_PROMPTS))
     reference = ref.generate(prompts, max_new_tokens)
-    rows = demo_rows(nproc, prefetch_step)
+    rows = demo_rows(nproc, prefetch_step, ref.model.args.is_moe)
     per_rank = run_local(demo_rank, nproc, str(model), rows, prompts, max_new_tokens,
                          timeout_s=timeout_s)
     return {"args": ref.model.args, "prompts": prompts, "reference": reference.to_dict(),

@@ -24,6 +24,8 @@ from flashcomm.models.transformer import ModelArgs, TPPlan
 
 DEMO_NAME = "demo-llama-v1"
 """Directory name of the demo checkpoint in the cache (bump the version when its config changes)."""
+MOE_DEMO_NAME = "demo-qwen3-moe-v1"
+"""Directory name of the MoE demo checkpoint in the cache."""
 BYTE_VOCAB = 256
 SPECIAL_TOKENS = ("<s>", "</s>")
 
@@ -139,3 +141,18 @@ def cached_checkpoint(name: str, config: dict[str, Any], seed: int = 0) -> Path:
 def demo_checkpoint() -> Path:
     """The demo's small random Llama with a byte-level tokenizer (written on first use)."""
     return cached_checkpoint(DEMO_NAME, small_llama_config())
+
+
+def small_qwen3_moe_config(**overrides: Any) -> dict[str, Any]:
+    """A Hugging Face Qwen3MoeConfig dict: the small Llama's attention (with Qwen3's q/k norms),
+    4 layers, the first dense, the others 8 experts of inner size 256, top-2 renormalised."""
+    return small_llama_config(**{
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+        "num_hidden_layers": 4, "mlp_only_layers": [0], "decoder_sparse_step": 1,
+        "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 256,
+        "norm_topk_prob": True, **overrides})
+
+
+def moe_demo_checkpoint() -> Path:
+    """`flashcomm demo --model moe`'s small random Qwen3-MoE (written on first use)."""
+    return cached_checkpoint(MOE_DEMO_NAME, small_qwen3_moe_config())

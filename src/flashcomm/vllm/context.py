@@ -32,7 +32,7 @@ from flashcomm.sharding import ShardedSeries
 from flashcomm.vllm.checks import check_plugin_limits, configure_vllm
 from flashcomm.vllm.weights import OProjWeights, OwnerRing, ResidentWeights
 
-logger = logging.getLogger("flashcomm.vllm")
+logger = logging.getLogger("vllm.flashcomm")  # under vLLM's logger: its handlers and level
 
 ENV_REPORT_DIR = "FLASHCOMM_REPORT_DIR"
 """Plugin-only variable (not a knob): write rank<r>.json with the report after loading."""
@@ -76,8 +76,11 @@ class VllmFlashComm:
     """Steps with T >= min_tokens take FlashComm2; None: never (auto found no crossover)."""
     auto: dict[str, Any] | None = None
     """How 'auto' was resolved (profile name, fitted costs), for the report."""
-    exchange: str = "all_to_all"
-    """FlashComm2's exchange: 'all_to_all' (our odp group) or 'all_gather' (vLLM's TP group)."""
+    impl: dict[str, str] = field(default_factory=lambda: {"all_to_all": "ours",
+                                                          "all_gather": "vllm"})
+    """FlashComm2's collectives -> 'ours' or 'vllm', the faster measured at start-up."""
+    impl_seconds: dict[str, float] = field(default_factory=dict)
+    """The start-up timings behind `impl` ('op/impl' -> seconds, slowest rank)."""
     o_proj_shape: tuple[int, int] = (0, 0)
     """[H, D/otp] of one o_proj weight (set by the first register())."""
     dtype: torch.dtype = torch.float32
@@ -141,12 +144,11 @@ class VllmFlashComm:
                     f"layout expects {layout.group_of(rank, mine)}; unsupported rank order")
         shard = ("o_proj",) if "o_proj" in cfg.layer_sharding else ()
         ctx.groups = ParallelGroups.build(layout, shard_weights=shard)
-        ctx.exchange = choose_exchange(cfg, current_platform.is_cpu())
         if shard:
             ctx.series = ShardedSeries("o_proj", ctx.groups.shard["o_proj"], cfg.prefetch_step,
                                        layers=layers)
-        logger.info("flashcomm: rank %d enabled %s, layers %d..%d, exchange %s", rank,
-                    cfg.to_dict(), layers.start, layers.stop - 1, ctx.exchange)
+        logger.info("flashcomm: rank %d enabled %s, layers %d..%d", rank, cfg.to_dict(),
+                    layers.start, layers.stop - 1)
         return ctx
 
     # ---- which layers ----------------------------------------------------------------------
@@ -196,9 +198,10 @@ class VllmFlashComm:
             return
         self.sealed = True
         self.weights.finalize()
-        if self.cfg.flashcomm2_min_tokens == AUTO:
-            from flashcomm.vllm.fit import resolve_auto
+        from flashcomm.vllm.fit import choose_impl, resolve_auto
 
+        self.impl, self.impl_seconds = choose_impl(self)
+        if self.cfg.flashcomm2_min_tokens == AUTO:
             self.min_tokens, self.auto = resolve_auto(self)
         report = self.report()
         logger.info("flashcomm: rank %d resident o_proj bytes %d, FlashComm2 from %s tokens",
@@ -217,8 +220,13 @@ class VllmFlashComm:
     def step_takes_flashcomm2(self, num_tokens: int, layer_idx: int) -> bool:
         """takes_flashcomm2, counted as one o_proj call of layer `layer_idx`."""
         full = self.takes_flashcomm2(num_tokens)
+        first = self.o_proj_fc2_calls == 0 if full else self.o_proj_fc2_calls == self.o_proj_calls
         self.o_proj_calls += 1
         self.o_proj_fc2_calls += full
+        if first:  # once per path and worker: the log shows the op ran after compilation
+            logger.info("flashcomm: rank %d first %s o_proj step: T=%d tokens, layer %d",
+                        dist.get_rank(), "FlashComm2" if full else "row-parallel", num_tokens,
+                        layer_idx)
         return full
 
     @staticmethod
@@ -247,17 +255,11 @@ class VllmFlashComm:
             "resident_o_proj_bytes": self.resident_o_proj_bytes(),
             "flashcomm2_min_tokens": self.min_tokens,
             "auto": self.auto,
-            "exchange": self.exchange,
+            "impl": self.impl,
+            "impl_seconds": self.impl_seconds,
             "o_proj_calls": self.o_proj_calls,
             "o_proj_fc2_calls": self.o_proj_fc2_calls,
             "shard_group": list(ring.group.ranks) if ring is not None else None,
             "series": series,
         }
-
-
-def choose_exchange(cfg: FlashCommConfig, cpu: bool) -> str:
-    """FlashComm2's exchange primitive (bench/vllm_collectives.py measures both on CPU)."""
-    if cpu and cfg.flashcomm2_otp == 1 and cfg.comm_dtype == "auto":
-        return "all_gather"  # vLLM's SHM all-gather beats gloo's all-to-all by far
-    return "all_to_all"
 

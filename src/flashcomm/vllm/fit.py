@@ -3,9 +3,11 @@
 With profile='fit' (the default) every worker measures, at start-up, the collectives each path
 really runs inside vLLM, then fits an alpha-beta HardwareProfile to them:
 - row-parallel path: vLLM's TP all-reduce (SHM on CPU, custom all-reduce on GPUs);
-- FlashComm2 path: the exchange the op uses (vLLM's TP all-gather or our odp all-to-all, see
-  `choose_exchange`), the otp reduce-scatter when otp > 1, and vLLM's TP all-gather that
-  restores [T, H].
+- FlashComm2 path: the all-to-all, the otp reduce-scatter when otp > 1 and the all-gather that
+  restores [T, H], each in the implementation `choose_impl` kept. It times both candidates of
+  each (vLLM's TP group: SHM on CPU, its device communicator on GPUs; or ours, comm.py on our
+  groups) in the same workers at start-up and keeps the faster: which one wins depends on the
+  machine (SHM busy-waits, so it loses to gloo on oversubscribed cores, see BENCHMARKS.md).
 Bytes per call are the cost model's logical bytes (costmodel.layer_traffic), so fit and model
 agree on units; times are the slowest rank's (all-reduced with MAX), so every rank fits the same
 profile. `plan.auto.auto_min_tokens` then finds the crossover T, and TP rank 0 broadcasts it so
@@ -29,6 +31,8 @@ from flashcomm.vllm import ops
 
 ROWS = (1, 16, 128, 1024, 4096)
 """Step sizes T sampled: decode-sized ones fix alpha, prefill-sized ones the bandwidth."""
+CHOICE_ROWS = (16, 1024)
+"""Step sizes at which the two implementations of an op are compared (choose_impl)."""
 
 
 def _sync(device: torch.device) -> None:
@@ -36,48 +40,80 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def op_calls(ctx: Any, tp: Any, rows: int, hidden: int, q_dim: int, dtype: torch.dtype,
-             device: torch.device) -> dict[str, tuple[int, float, Callable[[], object]]]:
-    """op -> (group size, logical bytes per rank, call) at `rows` tokens, for each collective
-    either o_proj path issues."""
+Call = tuple[str, int, int, Callable[[], object]]
+"""(cost-model op, group size, logical bytes sent per rank, the call)."""
+
+
+def candidate_calls(ctx: Any, tp: Any, rows: int, hidden: int, q_dim: int,
+                    dtype: torch.dtype, device: torch.device) -> dict[str, Call]:
+    """Every implementation of every collective the two o_proj paths can issue, at `rows`
+    tokens, named 'op/impl': 'vllm' = vLLM's TP GroupCoordinator, 'ours' = our groups."""
     n, otp, odp = ctx.cfg.tp, ctx.cfg.flashcomm2_otp, ctx.cfg.odp
     t_pad = comm.padded_tokens(rows, n)
     e = torch.empty((), dtype=dtype).element_size()
     x_h = torch.zeros(t_pad, hidden, dtype=dtype, device=device)  # [T_pad, H]
     chunk = torch.zeros(t_pad // n, hidden, dtype=dtype, device=device)  # [T_pad/N, H]
     x_dn = torch.zeros(t_pad, q_dim // n, dtype=dtype, device=device)  # [T_pad, D/N]
-    if ctx.exchange == "all_gather":
-        def exchange() -> object:
-            return ops.exchange_all_gather(x_dn, tp)
-    else:
-        def exchange() -> object:
-            return comm.all_to_all(x_dn, ctx.groups.odp)
-    group = ctx.groups.tp
-    calls = {
-        "all_reduce": (n, 2 * (n - 1) * t_pad // n * hidden * e, lambda: tp.all_reduce(x_h)),
-        "all_gather": (n, (n - 1) * t_pad // n * hidden * e, lambda: tp.all_gather(chunk, 0)),
-        "all_to_all": (odp, (odp - 1) * t_pad // odp * (q_dim // n) * e, exchange),
-        "broadcast": (n, t_pad * hidden * e,
-                      lambda: dist.broadcast(x_h, src=group.global_rank(0), group=group.group)),
+    g = ctx.groups
+    ag_bytes = (n - 1) * t_pad // n * hidden * e
+    a2a_bytes = (odp - 1) * t_pad // odp * (q_dim // n) * e
+    calls: dict[str, Call] = {
+        "all_reduce/vllm": ("all_reduce", n, 2 * ag_bytes, lambda: tp.all_reduce(x_h)),
+        "all_gather/vllm": ("all_gather", n, ag_bytes, lambda: tp.all_gather(chunk, 0)),
+        "all_gather/ours": ("all_gather", n, ag_bytes,
+                            lambda: comm.all_gather_tokens(chunk, t_pad, g.tp)),
+        "all_to_all/ours": ("all_to_all", odp, a2a_bytes, lambda: comm.all_to_all(x_dn, g.odp)),
+        "broadcast/ours": ("broadcast", n, t_pad * hidden * e,
+                           lambda: dist.broadcast(x_h, src=g.tp.global_rank(0), group=g.tp.group)),
     }
-    if otp > 1:
+    if otp == 1:
+        calls["all_to_all/vllm"] = ("all_to_all", odp, a2a_bytes,
+                                    lambda: ops.exchange_all_gather(x_dn, tp))
+    else:
         y = torch.zeros(otp * (t_pad // n), hidden, dtype=dtype, device=device)  # [otp*c, H]
-        calls["reduce_scatter"] = (otp, (otp - 1) * t_pad // n * hidden * e,
-                                   lambda: comm.reduce_scatter_tokens(y, ctx.groups.otp))
+        calls["reduce_scatter/ours"] = ("reduce_scatter", otp, (otp - 1) * t_pad // n * hidden * e,
+                                        lambda: comm.reduce_scatter_tokens(y, g.otp))
     return calls
 
 
-def fit_vllm_profile(ctx: Any, tp: Any, hidden: int, q_dim: int, dtype: torch.dtype, *,
-                     rows: tuple[int, ...] = ROWS, rounds: int = 5, calls: int = 3,
-                     matmul_size: int = 512) -> HardwareProfile:
-    """Time every op of `op_calls` at each size; fit per-group-size OpCosts (collective)."""
-    device = tp.device
-    group = ctx.groups.tp.group
-    t_start = time.perf_counter()
-    keys: list[tuple[str, int, int]] = []
+def used_calls(ctx: Any) -> tuple[str, ...]:
+    """The implementations the o_proj op issues under ctx.impl (what 'fit' must time)."""
+    rs = ("reduce_scatter/ours",) if ctx.cfg.flashcomm2_otp > 1 else ()
+    return ("all_reduce/vllm", f"all_gather/{ctx.impl['all_gather']}",
+            f"all_to_all/{ctx.impl['all_to_all']}", "broadcast/ours", *rs)
+
+
+def choose_impl(ctx: Any, rows: tuple[int, ...] = CHOICE_ROWS, rounds: int = 3
+                ) -> tuple[dict[str, str], dict[str, float]]:
+    """Time both implementations of FlashComm2's all-to-all and all-gather at a decode- and a
+    prefill-sized step; keep, per op, the one with the smaller total (same on every rank)."""
+    tp = ctx.tp_coordinator()
+    hidden, d_otp = ctx.o_proj_shape
+    names = ("all_gather/vllm", "all_gather/ours", "all_to_all/ours")
+    if ctx.cfg.flashcomm2_otp == 1 and ctx.cfg.comm_dtype == "auto":
+        names += ("all_to_all/vllm",)
+    samples = time_calls(ctx, tp, names, hidden, d_otp * ctx.cfg.flashcomm2_otp, ctx.dtype,
+                         rows=rows, rounds=rounds, calls=2)
+    total: dict[str, float] = {}
+    for name, _, _, t in samples:
+        total[name] = total.get(name, 0.0) + t
+    impl = {op: min((n for n in total if n.startswith(op + "/")), key=total.get).split("/")[1]
+            for op in ("all_to_all", "all_gather")}
+    return impl, total
+
+
+def time_calls(ctx: Any, tp: Any, names: tuple[str, ...], hidden: int, q_dim: int,
+               dtype: torch.dtype, *, rows: tuple[int, ...] = ROWS, rounds: int = 5,
+               calls: int = 3) -> list[tuple[str, int, Call, float]]:
+    """(name, rows, call, seconds): median over rounds of the slowest rank's time per call,
+    `calls` back to back after a barrier (collective: every rank gets the same numbers)."""
+    device, group = tp.device, ctx.groups.tp.group
+    keys: list[tuple[str, int, Call]] = []
     times: list[list[float]] = []  # [sample][round]
     for r in rows:
-        for op, (size, nbytes, fn) in op_calls(ctx, tp, r, hidden, q_dim, dtype, device).items():
+        every = candidate_calls(ctx, tp, r, hidden, q_dim, dtype, device)
+        for name in names:
+            fn = every[name][3]
             fn()  # warm-up
             samples = []
             for _ in range(rounds):
@@ -88,34 +124,51 @@ def fit_vllm_profile(ctx: Any, tp: Any, hidden: int, q_dim: int, dtype: torch.dt
                     fn()
                 _sync(device)
                 samples.append((time.perf_counter() - t0) / calls)
-            keys.append((op, size, nbytes))
+            keys.append((name, r, every[name]))
             times.append(samples)
-    a = torch.randn(matmul_size, matmul_size, device=device).to(dtype)  # [M, M]
-    samples = []
-    for _ in range(rounds):
-        _sync(device)
-        t0 = time.perf_counter()
-        a @ a
-        _sync(device)
-        samples.append(time.perf_counter() - t0)
-    times.append(samples)
     slowest = torch.tensor(times, dtype=torch.float64)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)  # same samples on every rank
-    measured = [statistics.median(s) for s in slowest.tolist()]
+    return [(name, r, call, statistics.median(s))
+            for (name, r, call), s in zip(keys, slowest.tolist(), strict=True)]
+
+
+def fit_vllm_profile(ctx: Any, tp: Any, hidden: int, q_dim: int, dtype: torch.dtype, *,
+                     rows: tuple[int, ...] = ROWS, rounds: int = 5, calls: int = 3,
+                     matmul_size: int = 512) -> HardwareProfile:
+    """Time the collectives the op issues at each size; fit per-group-size OpCosts
+    (collective)."""
+    t_start = time.perf_counter()
+    samples = time_calls(ctx, tp, used_calls(ctx), hidden, q_dim, dtype, rows=rows,
+                         rounds=rounds, calls=calls)
     per_tp: dict[int, dict[str, OpCost]] = {}
-    for op, size in dict.fromkeys((op, size) for op, size, _ in keys):
-        pts = [(float(b), t) for (o, s, b), t in zip(keys, measured, strict=False)
-               if (o, s) == (op, size)]
+    for name in used_calls(ctx):
+        pts = [(float(call[2]), t) for n, _, call, t in samples if n == name]
+        op, size = next(call[:2] for n, _, call, _ in samples if n == name)
         per_tp.setdefault(size, {})[op] = fit_op(pts, relative=True)
     default = {op: c for m in sorted(per_tp, key=lambda s: s == ctx.cfg.tp)
                for op, c in per_tp[m].items()}
     return HardwareProfile(
         name=f"vllm-fit-N{ctx.cfg.tp}", ops=default,
-        matmul_flops_per_s=2.0 * matmul_size**3 / measured[-1], per_tp=per_tp,
-        source=(f"fitted in a vLLM worker: all_reduce/all_gather = vLLM's TP group "
-                f"({type(tp.device_communicator).__name__}), all_to_all = {ctx.exchange}, "
-                f"rows {list(rows)}, {rounds} rounds x {calls} calls, "
-                f"{time.perf_counter() - t_start:.1f} s"))
+        matmul_flops_per_s=_matmul_rate(tp, ctx.groups.tp.group, dtype, matmul_size, rounds),
+        per_tp=per_tp,
+        source=(f"fitted in a vLLM worker: {', '.join(used_calls(ctx))} "
+                f"({type(tp.device_communicator).__name__}), rows {list(rows)}, "
+                f"{rounds} rounds x {calls} calls, {time.perf_counter() - t_start:.1f} s"))
+
+
+def _matmul_rate(tp: Any, group: Any, dtype: torch.dtype, size: int, rounds: int) -> float:
+    """FLOP/s of a [size, size] matmul, the slowest rank's median."""
+    a = torch.randn(size, size, device=tp.device).to(dtype)  # [M, M]
+    samples = []
+    for _ in range(rounds):
+        _sync(tp.device)
+        t0 = time.perf_counter()
+        a @ a
+        _sync(tp.device)
+        samples.append(time.perf_counter() - t0)
+    t = torch.tensor([statistics.median(samples)], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return 2.0 * size**3 / float(t)
 
 
 def resolve_auto(ctx: Any) -> tuple[int | None, dict[str, Any]]:

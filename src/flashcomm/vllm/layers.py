@@ -121,7 +121,8 @@ class FlashCommRowParallelLinear(RowParallelLinear):
         if not full:
             return ops.row_parallel(x, weight, bias, ctx.tp_coordinator())
         return ops.flashcomm2(x, weight, bias, ctx.groups, ctx.tp_coordinator(),
-                              comm_dtype=ctx.cfg.comm_dtype, exchange=ctx.exchange)
+                              comm_dtype=ctx.cfg.comm_dtype, exchange=ctx.impl["all_to_all"],
+                              gather=ctx.impl["all_gather"])
 
     def flashcomm_prefetch(self, num_tokens: int) -> None:
         """Inside the prefetch op: start fetching this layer's weight for a T-token step."""

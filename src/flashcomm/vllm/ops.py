@@ -60,13 +60,13 @@ def exchange_all_gather(x: torch.Tensor, tp: Any) -> torch.Tensor:
 
 
 def flashcomm2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               groups: ParallelGroups, tp: Any, *, comm_dtype: str,
-               exchange: str) -> torch.Tensor:
+               groups: ParallelGroups, tp: Any, *, comm_dtype: str, exchange: str,
+               gather: str) -> torch.Tensor:
     """FlashComm2: all-to-all of x [T, D/N], weight [H, D/otp] on this rank's token chunk, otp
-    reduce-scatter, then vLLM's TP all-gather restores [T, H]. `exchange`: 'all_to_all' (our
-    odp group) or 'all_gather' (vLLM's TP all-gather, otp = 1 only)."""
+    reduce-scatter, then an all-gather restores [T, H]. `exchange` / `gather`: 'ours' (our
+    groups, comm.py) or 'vllm' (vLLM's TP all-gather; for the exchange at otp = 1 only)."""
     num_tokens, n = x.shape[0], tp.world_size
-    if exchange == "all_gather":
+    if exchange == "vllm":
         xp = comm.pad_tokens(x, n)  # [T_pad, D/N]
         chunk = exchange_all_gather(xp, tp) @ weight.t()  # [T_pad/N, H]
         if bias is not None:
@@ -74,7 +74,9 @@ def flashcomm2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     else:
         chunk = comm.flashcomm2_o_proj(x, weight, bias, groups, flashcomm1=True,
                                        comm_dtype=comm_dtype)  # [T_pad/N, H]
-    return tp.all_gather(chunk.contiguous(), dim=0)[:num_tokens]  # [T, H]
+    if gather == "vllm":
+        return tp.all_gather(chunk.contiguous(), dim=0)[:num_tokens]  # [T, H]
+    return comm.all_gather_tokens(chunk, num_tokens, groups.tp)  # [T, H]
 
 
 # ---- the ops ----------------------------------------------------------------------------------

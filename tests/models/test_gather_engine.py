@@ -1,7 +1,8 @@
 """Both sources of the layer-sharded W_o (owner broadcast, gather of resident TP slices) in the
 engine at N = 4: every combination of source x k x otp x FlashComm1 x {per-step threshold,
 FlashComm2 every step} gives the single-process model's greedy tokens, holds the source's o_proj
-bytes, and moves the weight bytes its formula says, per phase. One spawned group runs them all.
+bytes, and moves the weight bytes its formula (and the cost model) says, per phase. One
+spawned group runs them all.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from flashcomm.config import FlashCommConfig, ShardSource
 from flashcomm.layout import ParallelLayout
 from flashcomm.models.args import ModelArgs
 from flashcomm.models.engine import Engine
+from flashcomm.plan.costmodel import Shape, fetch_bytes_per_step
+from flashcomm.plan.strategy import Strategy
 
 N, CKPT, NEW_TOKENS = 4, "qwen2", 6  # qwen2: L = 5, so k = 0..2 fit (k <= L-2)
 PREFILL_T, DECODE_T = sum(map(len, PROMPTS)), len(PROMPTS)  # 11 and 3 tokens per step
@@ -95,6 +98,12 @@ def test_every_source_combination_matches_the_reference(hf_checkpoints, referenc
             want = formula(cfg, args, rank)
             assert {key: got[key] for key in want} == want, where
             assert min(got["prefill_blocked_wait_ms"], got["decode_blocked_wait_ms_per_step"]) >= 0
+        # the cost model (the planner's numbers) predicts the mean over ranks of each phase
+        s, shape = Strategy.from_config(cfg), Shape(args.dim, args.q_dim, N, 4, args.n_layers)
+        for key, t in (("prefill_fetch_bytes", PREFILL_T),
+                       ("decode_fetch_bytes_per_step", DECODE_T)):
+            mean = sum(out[combo][key] for out in per_rank) / N
+            assert mean == fetch_bytes_per_step(s, shape, t), (combo, key)
     # the point of the gather source: the per-step path moves no weight byte on decode
     gather_auto = [c for c in COMBOS if c[0] == ShardSource.GATHER and c[4] == "auto"]
     assert all(out[c]["decode_fetch_bytes_per_step"] == 0 for c in gather_auto for out in per_rank)

@@ -15,19 +15,27 @@ from flashcomm.plan.planner import GIB, make_plan
 def format_plan(plan: dict) -> str:
     """The plan as a readable table."""
     hdr = (f"{'strategy':<34} {'o_proj MiB':>10} {'weights MiB':>11} {'prefill ms':>10} "
-           f"{'decode ms':>9} {'crossover T':>11} {'hidden':>6} {'fits':>4}")
+           f"{'decode ms':>9} {'crossover T':>11} {'fetch KiB pre/dec':>17} "
+           f"{'hidden pre/dec':>14} {'fits':>4}")
+    yes_no = {None: "-", True: "yes", False: "NO"}
     lines = [f"tp={plan['tp']}  profile={plan['profile']}  prefill T={plan['prefill_tokens']}  "
              f"decode batch={plan['decode_batch']}", hdr, "-" * len(hdr)]
     for r in plan["strategies"]:
-        hidden = {None: "-", True: "yes", False: "NO"}[r["oshard_hidden"]]
+        hidden = f"{yes_no[r['oshard_hidden']]}/{yes_no[r['decode_fetch_hidden']]}"
+        fetch = f"{r['prefill_fetch_bytes'] / 1024:.0f}/{r['decode_fetch_bytes'] / 1024:.0f}"
         cross = "-" if r["crossover_tokens"] is None else str(r["crossover_tokens"])
         lines.append(
             f"{r['strategy']:<34} {r['o_proj_bytes'] / 2**20:>10.1f} "
             f"{r['weight_bytes'] / 2**20:>11.1f} {r['prefill_comm_s'] * 1e3:>10.3f} "
-            f"{r['decode_comm_s'] * 1e3:>9.3f} {cross:>11} {hidden:>6} "
+            f"{r['decode_comm_s'] * 1e3:>9.3f} {cross:>11} {fetch:>17} {hidden:>14} "
             f"{'yes' if r['fits_budget'] else 'no':>4}")
     rec = plan["recommendation"]
     lines += ["", f"recommendation: {rec['strategy']}", f"  {rec['why']}"]
+    for dep, d in plan["deployments"].items():
+        t = d["flashcomm2_min_tokens"]
+        lines += [f"{dep.replace('_', '-')}: {d['strategy']} (shard source "
+                  f"{d['shard_source'] or '-'}, FlashComm2 "
+                  f"{'never' if t is None else f'from T >= {t}'})", f"  {d['why']}"]
     return "\n".join(lines)
 
 
@@ -42,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="shipped profile (h100-nvlink, pcie-gen4) or a JSON file")
     parser.add_argument("--prefill-tokens", type=int, default=4096)
     parser.add_argument("--decode-batch", type=int, default=16)
+    parser.add_argument("--decode-steps", type=int, default=256,
+                        help="decode steps per prefill in mixed serving (the mixed deployment)")
     parser.add_argument("--dtype-bytes", type=int, default=2, help="2 for bf16, 4 for fp32")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -54,6 +64,7 @@ def main(args: argparse.Namespace) -> int:
         otps=None if not args.otp else [parse_int("otp", o) for o in args.otp],
         prefill_tokens=args.prefill_tokens, decode_batch=args.decode_batch, elt=args.dtype_bytes,
         memory_budget_bytes=None if args.memory_budget is None else args.memory_budget * GIB,
+        decode_steps=args.decode_steps,
     )
     print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
     return 0

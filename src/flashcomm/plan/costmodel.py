@@ -301,8 +301,38 @@ def oshard_window_fits(profile: HardwareProfile, s: Strategy, shape: Shape,
     return fetch <= window, fetch, window
 
 
-def exposed_fetch_s(profile: HardwareProfile, s: Strategy, shape: Shape, tokens: int) -> float:
+def step_fetches(s: Strategy, shape: Shape, tokens: int,
+                 threshold: int | None = None) -> list[Call]:
+    """The W_o fetches of one step of `tokens` tokens (one per layer, or none): the owner ring
+    turns on every step whatever path the step takes (its row-parallel steps need their own
+    columns from the owner too); the gather source fetches only on steps that take FlashComm2,
+    its row-parallel steps read the resident slice. `threshold`: auto's resolved crossover."""
+    call = fetch_call(s, shape)
+    if call is None:
+        return []
+    if s.shard_source == ShardSource.GATHER and not s.path(tokens, threshold).flashcomm2:
+        return []
+    return shape.layers * [call]
+
+
+def fetch_bytes_per_step(s: Strategy, shape: Shape, tokens: int,
+                         threshold: int | None = None) -> float:
+    """W_o bytes one rank receives in one step, mean over the G = odp ranks of its group:
+    (G-1)/G * |W| per fetched layer for both sources (owner: |W| on the G-1 non-owners; gather:
+    G-1 slices of |W|/G on every rank), |W| = H * D/otp * elt."""
+    calls = step_fetches(s, shape, tokens, threshold)
+    if not calls:
+        return 0.0
+    g = calls[0].group
+    w = shape.hidden * shape.q_dim // s.otp * shape.elt_bytes
+    return len(calls) * (g - 1) * w / g
+
+
+def exposed_fetch_s(profile: HardwareProfile, s: Strategy, shape: Shape, tokens: int,
+                    threshold: int | None = None) -> float:
     """Predicted W_o fetch time not hidden by compute, per step of `tokens` tokens (all layers;
-    0 unless `s` layer-shards o_proj)."""
+    0 unless the step fetches: see step_fetches)."""
+    if not step_fetches(s, shape, tokens, threshold):
+        return 0.0
     _, fetch, window = oshard_window_fits(profile, s, shape, tokens)
     return shape.layers * max(0.0, fetch - window)

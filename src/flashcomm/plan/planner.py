@@ -7,19 +7,12 @@ Every prediction comes from flashcomm.plan.costmodel, on a shipped hardware prof
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from flashcomm.config import ConfigError, ShardSource, divisors_below
+from flashcomm.config import AttnOut, ConfigError, ShardSource, divisors_below
 from flashcomm.models.args import ModelArgs
-from flashcomm.plan.costmodel import (
-    HardwareProfile,
-    Shape,
-    comm_time,
-    crossover_tokens,
-    exposed_fetch_s,
-    oshard_window_fits,
-    step_calls,
-)
+from flashcomm.plan.costmodel import HardwareProfile, Shape, crossover_tokens
+from flashcomm.plan.deploy import Option, recommend_deployments
 from flashcomm.plan.strategy import Strategy, candidates
 
 GIB = 1 << 30
@@ -47,6 +40,17 @@ class PlanRow:
     """Predicted W_o fetch time not hidden by compute, per prefill step (all layers)."""
     fits_budget: bool
     """Whether weight_bytes is within the memory budget."""
+    threshold: int | None = None
+    """FlashComm2 from this many tokens per step (0: every step; None: never)."""
+    prefill_fetch_bytes: float = 0.0
+    """W_o bytes one rank receives per prefill step (layer-sharded o_proj; 0 otherwise)."""
+    decode_fetch_bytes: float = 0.0
+    """W_o bytes one rank receives per decode step: the owner ring turns on decode too, the
+    gather source fetches nothing on a row-parallel decode step."""
+    decode_fetch_hidden: bool | None = None
+    """Whether the decode step's W_o fetch fits in its compute window (None: no fetch)."""
+    decode_exposed_s: float = 0.0
+    """Predicted W_o fetch time not hidden by compute, per decode step (all layers)."""
 
 
 def model_shape(m: ModelArgs, tp: int, elt: int) -> Shape:
@@ -82,9 +86,10 @@ def weight_bytes_per_rank(m: ModelArgs, tp: int, s: Strategy, elt: int) -> tuple
 def make_plan(
     m: ModelArgs, tp: int, profile: HardwareProfile, *, otps: list[int] | None = None,
     prefill_tokens: int = 4096, decode_batch: int = 16, elt: int = 2,
-    memory_budget_bytes: float | None = None,
+    memory_budget_bytes: float | None = None, decode_steps: int = 256,
 ) -> dict:
-    """Predictions per strategy and a recommendation, as one JSON-ready dict."""
+    """Predictions per strategy, a recommendation, and one per deployment (prefill-only,
+    decode-only, mixed: a prefill then `decode_steps` decode steps), as one JSON-ready dict."""
     if tp < 2:
         raise ConfigError(f"tp={tp}: planning compares TP strategies, so tp must be >= 2")
     valid = divisors_below(tp)
@@ -93,23 +98,21 @@ def make_plan(
         if o not in valid:
             raise ConfigError(f"otp={o}: must divide tp={tp} and be below it (allowed: {valid})")
     shape = model_shape(m, tp, elt)
-    rows = []
+    rows, options = [], []
     sources = (ShardSource.OWNER, ShardSource.GATHER)
-    for s in candidates(tp, m.n_layers, otps, sources=sources):
+    cands = candidates(tp, m.n_layers, otps, sources=sources)
+    cands += [replace(s, attn_out=AttnOut.AUTO) for s in cands if s.oshard_k is not None]
+    for s in cands:
         o_bytes, w_bytes = weight_bytes_per_rank(m, tp, s, elt)
         cross = crossover_tokens(profile, shape, s.fixed(), s.baseline()) if s.flashcomm2 \
             else None
-
-        def comm(tokens: int, s: Strategy = s, cross: int | None = cross) -> float:
-            return comm_time(profile, step_calls(s.path(tokens, cross), shape, tokens))
-
-        hidden = None
-        if s.oshard_k is not None:
-            hidden = oshard_window_fits(profile, s, shape, prefill_tokens)[0]
-        exposed = exposed_fetch_s(profile, s, shape, prefill_tokens)
+        o = Option.evaluate(profile, s, shape, o_bytes, w_bytes, prefill_tokens, decode_batch)
+        options.append(o)
         fits = memory_budget_bytes is None or w_bytes <= memory_budget_bytes
-        rows.append(PlanRow(s.label, o_bytes, w_bytes, comm(prefill_tokens), comm(decode_batch),
-                            cross, hidden, exposed, fits))
+        rows.append(PlanRow(s.label, o_bytes, w_bytes, o.prefill.comm_s, o.decode.comm_s,
+                            cross, o.prefill.fetch_hidden, o.prefill.exposed_s, fits,
+                            o.threshold, o.prefill.fetch_bytes, o.decode.fetch_bytes,
+                            o.decode.fetch_hidden, o.decode.exposed_s))
     fitting = [r for r in rows if r.fits_budget]
     best = min(fitting, key=lambda r: (r.prefill_comm_s + r.exposed_s, r.weight_bytes),
                default=None)
@@ -121,6 +124,8 @@ def make_plan(
         "memory_budget_bytes": memory_budget_bytes,
         "strategies": [r.__dict__ for r in rows],
         "recommendation": _recommend(best, decode_batch),
+        "decode_steps": decode_steps,
+        "deployments": recommend_deployments(options, memory_budget_bytes, decode_steps),
     }
 
 

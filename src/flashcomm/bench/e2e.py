@@ -4,7 +4,9 @@
 alpha-beta profile of the collectives (flashcomm.plan.fit, through flashcomm.comm), (2) loads
 the checkpoint once per strategy (all-reduce, FlashComm1, FlashComm2 otp=1/2, FlashComm2 +
 O-Shard k=0..2, int8 exchange, and `auto`: FlashComm2's weights with the crossover of the
-fitted profile as its per-step threshold, flashcomm.plan.auto),
+fitted profile as its per-step threshold, flashcomm.plan.auto; then the two W_o sources at k=1:
+fc2+gather, auto+oshard (the owner ring turns on decode too) and auto+gather (decode steps
+take the row-parallel path on the resident slices and fetch nothing)),
 (3) times one forward step per (strategy, case): prefill of T tokens (one sequence) and decode
 steps of B sequences (one token each after a context), strategies interleaved in a rotating
 order inside every repeat so machine noise hits all alike; each sample is the slowest rank's,
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from flashcomm.config import AttnOut, CommDtype, ConfigError
+from flashcomm.config import AttnOut, CommDtype, ConfigError, ShardSource
 from flashcomm.models.args import ModelArgs
 from flashcomm.models.random_checkpoint import (
     cached_checkpoint,
@@ -56,9 +58,13 @@ def strategy_rows(n: int, n_layers: int, moe: bool = False) -> list[Strategy]:
         rows.append(Strategy(AttnOut.FLASHCOMM2, otp=2))
     rows += [replace(fc2, oshard_k=k) for k in range(3) if k <= n_layers - 2]
     rows += [replace(fc2, comm_dtype=CommDtype.INT8), replace(fc2, attn_out=AttnOut.AUTO)]
-    if moe:
+    if n_layers >= 3:  # the weight sources at k=1: gather on FlashComm2 steps, owner every step
+        gather = replace(fc2, oshard_k=1, shard_source=ShardSource.GATHER)
+        rows += [gather, replace(fc2, attn_out=AttnOut.AUTO, oshard_k=1),
+                 replace(gather, attn_out=AttnOut.AUTO)]
+    if moe:  # TP experts against expert parallel, with and without FlashComm2 / FlashComm1
         ep = [Strategy(), fc2, replace(fc2, flashcomm1=True)]
-        rows += [replace(s, expert_parallel=True) for s in ep]
+        rows += [ep[2]] + [replace(s, expert_parallel=True) for s in ep]
     return rows
 
 

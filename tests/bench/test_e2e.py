@@ -32,7 +32,8 @@ def test_bench_e2e_smoke(tiny: Path, tmp_path: Path) -> None:
     res = json.loads((out / "e2e.json").read_text())
     names = [s["name"] for s in res["strategies"]]
     assert names == ["allreduce", "flashcomm1", "fc2", "fc2+oshard(k=0)",
-                     "fc2+oshard(k=1)", "fc2+int8", "auto"]  # L = 3: k <= 1; N = 2: no otp=2
+                     "fc2+oshard(k=1)", "fc2+int8", "auto", "fc2+gather(k=1)",
+                     "auto+oshard(k=1)", "auto+gather(k=1)"]  # L = 3: k <= 1; N = 2: no otp=2
     assert [c["label"] for c in res["cases"]] == ["decode B=1", "decode B=2", "prefill T=8",
                                                   "prefill T=24"]
     for s in res["strategies"]:
@@ -53,7 +54,12 @@ def test_bench_e2e_smoke(tiny: Path, tmp_path: Path) -> None:
             assert all(st["ratio_to_allreduce"] == 1.0 for st in s["steps"])
     assert {"predicted_grid_index", "measured_comm_grid_index", "within_one_step"} <= set(
         res["crossover"])
-    assert set(res["checks"]) == {"oshard_k1_o_proj_memory_ratio", "auto_vs_best_fixed"}
+    assert set(res["checks"]) == {"oshard_k1_o_proj_memory_ratio", "auto_vs_best_fixed",
+                                  "gather_auto_k1_decode_B1_ratio_to_allreduce",
+                                  "gather_auto_k1_o_proj_memory_ratio",
+                                  "gather_auto_k1_decode_fetch_bytes"}  # no T=1024 here
+    assert res["checks"]["gather_auto_k1_decode_fetch_bytes"]["ok"]  # the counters, not time
+    assert res["checks"]["gather_auto_k1_o_proj_memory_ratio"]["ok"]
     assert res["checks"]["oshard_k1_o_proj_memory_ratio"]["ok"]  # (ceil(3/2)+2)/3 >= 4/4 * ...
     mem = res["memory_per_rank"]
     assert len(mem) == 2 and mem[0]["fc2"]["o_proj"] == 3 * 64 * 64 * 4
@@ -69,5 +75,6 @@ def test_strategy_rows_cover_the_issue() -> None:
     rows = strategy_rows(4, 6)
     assert [r.label for r in rows] == ["allreduce", "flashcomm1", "fc2", "fc2(otp=2)",
                                        "fc2+oshard(k=0)", "fc2+oshard(k=1)", "fc2+oshard(k=2)",
-                                       "fc2+int8", "auto"]
-    assert rows[-1].fixed() == rows[2] == Strategy("flashcomm2", 1)  # auto: FlashComm2's W_o
+                                       "fc2+int8", "auto", "fc2+gather(k=1)", "auto+oshard(k=1)",
+                                       "auto+gather(k=1)"]
+    assert rows[8].fixed() == rows[2] == Strategy("flashcomm2", 1)  # auto: FlashComm2's W_o

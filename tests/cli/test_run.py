@@ -77,9 +77,10 @@ def test_run_cli_attn_out_auto(hf_checkpoints, qwen2_reference) -> None:
 def test_demo_prints_identical_rows(tiny: Path) -> None:
     out = _flashcomm("demo", "--model", str(tiny), "--nproc", "4", "--max-new-tokens", "4")
     assert out.returncode == 0, out.stderr
-    labels = ("allreduce", "fc2", "fc2+fc1", "fc2+oshard(k=1)", "fc2(otp=2)")
+    labels = ("allreduce", "fc2", "fc2+fc1", "fc2+oshard(k=1)", "fc2+gather(k=1)",
+              "auto+gather(k=1)", "fc2(otp=2)")
     rows = [line for line in out.stdout.splitlines() if line.split(" ")[0] in labels]
-    assert len(rows) == 5 and all("identical" in r for r in rows), out.stdout
+    assert len(rows) == 7 and all("identical" in r for r in rows), out.stdout
 
 
 def test_every_prompt_is_kept(tiny: Path, tmp_path: Path, capsys) -> None:

@@ -11,7 +11,7 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from flashcomm.config import AttnOut, FlashCommConfig
+from flashcomm.config import AttnOut, FlashCommConfig, ShardSource
 from flashcomm.plan.costmodel import (
     HardwareProfile,
     Shape,
@@ -31,6 +31,11 @@ OSHARD_LATENCY_LIMIT = 1.10
 """Acceptance: O-Shard (k=1) prefill latency at T=1024 within this factor of replicated FC2."""
 AUTO_LIMIT = 1.05
 """Acceptance: auto's latency within this factor of the better fixed strategy at every T."""
+AUTO_GATHER1 = replace(AUTO, oshard_k=1, shard_source=ShardSource.GATHER)
+GATHER_DECODE_LIMIT = 1.05
+"""Acceptance: auto+gather(k=1) decode B=1 latency within this factor of allreduce's."""
+GATHER_PREFILL_LIMIT = 1.10
+"""Acceptance: auto+gather(k=1) prefill T=1024 latency within this factor of replicated FC2's."""
 
 
 def strategy_of(entry: dict) -> Strategy:
@@ -68,7 +73,8 @@ def summarize(raw: dict) -> dict:
             calls = step_calls(path, shape, t)
             st["predicted_bytes"] = counted_bytes(calls)  # tests: == bytes_sent
             st["predicted_comm_s"] = comm_time(profile, calls)
-            st["predicted_exposed_broadcast_s"] = exposed_fetch_s(profile, strategy, shape, t)
+            st["predicted_exposed_broadcast_s"] = exposed_fetch_s(profile, strategy, shape, t,
+                                                                  raw["auto_threshold"])
     base = by[BASE]["steps"]
     for s in raw["strategies"]:
         for ci, st in enumerate(s["steps"]):
@@ -129,6 +135,38 @@ def _checks(raw: dict, by: dict) -> dict:
             worst = max(worst, r)
         out["auto_vs_best_fixed"] = {"value": worst, "limit": AUTO_LIMIT, "ok": worst <= AUTO_LIMIT,
                                      "per_case": rows}
+    if AUTO_GATHER1 in by and FC2 in by:
+        out |= _gather_checks(raw, by, i1024)
+    return out
+
+
+def _gather_checks(raw: dict, by: dict, i1024: int | None) -> dict:
+    """auto+gather(k=1): decode B=1 against allreduce, prefill T=1024 against replicated FC2,
+    o_proj memory against (L/N + 2)/L of replicated FC2, and no W_o byte on decode steps."""
+    out: dict = {}
+    cases, steps = raw["cases"], by[AUTO_GATHER1]["steps"]
+    i_b1 = next((i for i, c in enumerate(cases) if c["kind"] == "decode" and c["size"] == 1),
+                None)
+    if i_b1 is not None:
+        r = steps[i_b1]["median_s"] / by[BASE]["steps"][i_b1]["median_s"]
+        out["gather_auto_k1_decode_B1_ratio_to_allreduce"] = {
+            "value": r, "limit": GATHER_DECODE_LIMIT, "ok": r <= GATHER_DECODE_LIMIT}
+    if i1024 is not None:
+        r = steps[i1024]["median_s"] / by[FC2]["steps"][i1024]["median_s"]
+        out["gather_auto_k1_prefill_T1024_ratio_to_fc2"] = {
+            "value": r, "limit": GATHER_PREFILL_LIMIT, "ok": r <= GATHER_PREFILL_LIMIT}
+
+    def o_bytes(s: Strategy) -> int:
+        return max(r[s.label]["o_proj"] + r[s.label]["ring"] for r in raw["memory_per_rank"])
+
+    layers, n = raw["model"]["layers"], raw["N"]
+    mem, limit = o_bytes(AUTO_GATHER1) / o_bytes(FC2), (layers / n + 2) / layers
+    out["gather_auto_k1_o_proj_memory_ratio"] = {"value": mem, "limit": limit,
+                                                 "ok": mem <= limit}
+    fetched = max((st["fetch_bytes"] for c, st in zip(cases, steps, strict=True)
+                   if c["kind"] == "decode"), default=0)
+    out["gather_auto_k1_decode_fetch_bytes"] = {"value": fetched, "limit": 0,
+                                                "ok": fetched == 0}
     return out
 
 

@@ -20,7 +20,7 @@ def format_table(names: list[str], per_rank: list[list[dict]], reference: list[l
     """The demo table: one row per strategy, rank 0 timings, per-rank memory maxima."""
     head = (f"{'strategy':<22} {'tokens':>9} {'prefill ms':>10} {'decode ms/tok':>13} "
             f"{'o_proj MiB/rank':>15} {'comm KiB prefill':>16} {'comm KiB/decode':>15} "
-            f"{'fetch KiB/step':>14} {'blocked ms':>10}")
+            f"{'fetch KiB pre/dec':>17} {'blocked ms':>10}")
     lines = [head, "-" * len(head)]
     for i, name in enumerate(names):
         ranks = [r[i] for r in per_rank]
@@ -29,12 +29,14 @@ def format_table(names: list[str], per_rank: list[list[dict]], reference: list[l
         o_mib = [r["o_proj_bytes"] / 2**20 for r in ranks]
         o_txt = f"{o_mib[0]:.3f}" if max(o_mib) == min(o_mib) else \
             f"{min(o_mib):.3f}-{max(o_mib):.3f}"
+        fetch = (f"{max(r['prefill_fetch_bytes'] for r in ranks) / 1024:.0f}/"
+                 f"{max(r['decode_fetch_bytes_per_step'] for r in ranks) / 1024:.0f}")
         lines.append(
             f"{name:<22} {'identical' if same else 'DIFFERENT':>9} {r0['prefill_ms']:>10.1f} "
             f"{r0['decode_ms_per_token']:>13.2f} {o_txt:>15} "
             f"{max(r['prefill_comm_bytes'] for r in ranks) / 1024:>16.1f} "
             f"{max(r['decode_comm_bytes_per_step'] for r in ranks) / 1024:>15.1f} "
-            f"{max(r['fetch_bytes_per_step'] for r in ranks) / 1024:>14.1f} "
+            f"{fetch:>17} "
             f"{max(r['blocked_wait_ms'] for r in ranks):>10.2f}"
         )
     return "\n".join(lines)

@@ -106,11 +106,15 @@ def run_spec(spec: RunSpec, nproc: int, timeout_s: float = 600.0) -> list[dict] 
 
 
 def demo_rows(tp: int, prefetch_step: int = 1, moe: bool = False) -> list[Strategy]:
-    """The strategies the demo compares: all-reduce, FlashComm2 (+FlashComm1, +O-Shard),
-    FlashComm2 otp=2 where tp allows it, and for an MoE model expert parallelism (+FlashComm2)."""
+    """The strategies the demo compares: all-reduce, FlashComm2 (+FlashComm1, +O-Shard from its
+    owner, +gather of the resident TP slices, auto+gather: FlashComm2 only from the crossover, so
+    decode fetches nothing), FlashComm2 otp=2 where tp allows it, and for an MoE model expert
+    parallelism (+FlashComm2)."""
     fc2 = Strategy("flashcomm2", otp=1)
+    gather = Strategy("flashcomm2", 1, oshard_k=prefetch_step, shard_source="gather")
     rows = [Strategy(), fc2, Strategy("flashcomm2", 1, flashcomm1=True),
-            Strategy("flashcomm2", 1, oshard_k=prefetch_step)]
+            Strategy("flashcomm2", 1, oshard_k=prefetch_step), gather,
+            Strategy("auto", 1, oshard_k=prefetch_step, shard_source="gather")]
     if tp > 2 and tp % 2 == 0:
         rows.append(Strategy("flashcomm2", otp=2))
     if moe:
@@ -122,9 +126,11 @@ def demo_rank(rank: int, world: int, model: str, rows: list[Strategy], prompts: 
               max_new_tokens: int) -> list[dict]:
     """One rank of the demo group: every strategy in turn, a warm-up then a measured batch."""
     out = []
+    args, elt = ModelArgs.from_dir(model), checkpoint_dtype(model).itemsize
     for row in rows:
         cfg = row.to_config(world)
         groups = ParallelGroups.from_config(cfg, world)
+        cfg, _ = resolve_auto(cfg, groups, args.dim, args.q_dim, elt)  # auto: fitted here
         engine = Engine.from_checkpoint(model, cfg, groups, progress=False)
         engine.generate(prompts, 2)  # warm-up: first-call allocations and lazy inits
         out.append(engine.generate(prompts, max_new_tokens).to_dict())

@@ -449,12 +449,20 @@ def divisors_below(n: int) -> list[int]:
 
 
 def strategy_config(cfg: FlashCommConfig, attn_out: str | None, nproc: int) -> FlashCommConfig:
-    """Merge an attn_out choice (--attn-out) into the knobs, for `nproc` TP ranks of one stage
-    and one replica: flashcomm2 and auto imply otp >= 1, auto sets flashcomm2_min_tokens."""
+    """Merge an attn_out choice (--attn-out) into the knobs, for `nproc` ranks in all: cfg.pp
+    stages times cfg.dp replicas of tp = nproc / (pp*dp) TP ranks; flashcomm2 and auto imply
+    otp >= 1, auto sets flashcomm2_min_tokens."""
     if attn_out is not None:
         attn_out = _enum(AttnOut)("attn_out", attn_out)
     if nproc < 1:
         raise ConfigError(f"nproc={nproc}: must be >= 1")
+    for name in ("pp", "dp"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name}={getattr(cfg, name)}: must be >= 1")
+    if nproc % (cfg.pp * cfg.dp):
+        raise ConfigError(f"nproc={nproc}: must be a multiple of pp*dp = {cfg.pp}*{cfg.dp} "
+                          f"(tp = nproc / (pp*dp) ranks per stage and replica)")
+    tp = nproc // (cfg.pp * cfg.dp)
     if attn_out in (AttnOut.FLASHCOMM2, AttnOut.AUTO) and cfg.flashcomm2_otp == 0:
         cfg = replace(cfg, flashcomm2_otp=1)
     if attn_out == AttnOut.AUTO:
@@ -470,4 +478,7 @@ def strategy_config(cfg: FlashCommConfig, attn_out: str | None, nproc: int) -> F
             "FlashComm2; use --attn-out flashcomm2 or drop --otp")
     if nproc == 1 and (cfg.flashcomm2 or cfg.layer_sharding or cfg.flashcomm1):
         raise ConfigError("nproc=1: FlashComm and layer sharding need nproc >= 2")
-    return replace(cfg, tp=nproc, pp=1, dp=1).validate(world=nproc)
+    if tp == 1 and (cfg.flashcomm2 or cfg.flashcomm1):
+        raise ConfigError(f"tp=1 (nproc={nproc} / pp*dp = {cfg.pp}*{cfg.dp}): FlashComm needs "
+                          "tp >= 2 ranks per stage")
+    return replace(cfg, tp=tp).validate(world=nproc)

@@ -49,12 +49,15 @@ def stage_layers(num_layers: int, pp: int, partition: tuple[int, ...] = ()) -> l
 
 def check_prefetch_step(k: int, stages: list[range]) -> None:
     """ConfigError unless 0 <= k <= L_s - 2 for every stage's layer count L_s."""
+    smallest = min(len(layers) for layers in stages)
     for s, layers in enumerate(stages):
         if not 0 <= k <= len(layers) - 2:
             where = f"stage {s} (layers {layers.start}..{layers.stop - 1}, L_s={len(layers)})"
             raise ConfigError(
                 f"prefetch_step={k}: must satisfy 0 <= k <= L_s-2 = {len(layers) - 2} for "
-                f"{where}" + ("; a sharded series needs L_s >= 2" if len(layers) < 2 else ""))
+                f"{where}" + ("; a sharded series needs L_s >= 2" if len(layers) < 2 else
+                              f"; every stage allows [0, {smallest - 2}]" if smallest >= 2
+                              else ""))
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """`flashcomm run`: generate with a tensor-parallel Llama-family checkpoint.
 
 Spawns --nproc local ranks (gloo on CPU, NCCL when CUDA is available), or joins the group that
-torchrun set up (RANK / WORLD_SIZE in the environment). Every input is checked here, before any
-rank starts: the knobs, the checkpoint (models.loader.preflight) and the prompts against the
-model's vocabulary and max_position_embeddings.
+torchrun set up (RANK / WORLD_SIZE in the environment); --pp P splits the layers over P pipeline
+stages and --dp D runs D replicas, each with every prompt. Every input is checked here, before
+any rank starts: the knobs (stage split and per-stage prefetch step included), the checkpoint
+(models.loader.preflight) and the prompts against the model's vocabulary and
+max_position_embeddings.
 """
 
 from __future__ import annotations
@@ -24,7 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `flashcomm run`."""
     parser.add_argument("--model", required=True, help="checkpoint directory (config.json + "
                         "safetensors [+ tokenizer.json])")
-    parser.add_argument("--nproc", default="1", help="number of TP ranks to spawn")
+    parser.add_argument("--nproc", default="1", help="ranks to spawn in all: pp stages x dp "
+                        "replicas x tp = nproc / (pp*dp) TP ranks")
+    knobs = FlashCommConfig.knobs()
+    for name in ("pp", "dp"):  # tp follows from --nproc
+        parser.add_argument(f"--{name}", dest=name, help=knobs[name].help + " (default 1)")
     parser.add_argument("--attn-out", choices=[a.value for a in AttnOut],
                         help="attention-output strategy (auto: FlashComm2 from the cost model's "
                         "crossover token count, all-reduce below)")
@@ -103,8 +109,9 @@ def summary(results: list[dict], cfg: FlashCommConfig) -> dict:
         "decode_ms_per_token": r0["decode_ms_per_token"],
         "config": cfg.to_dict(),
         "ranks": [
-            {k: r[k] for k in ("rank", "o_proj_bytes", "weight_bytes", "kv_cache_bytes",
-                               "comm_bytes", "comm_bytes_by_op", "prefill_comm_bytes",
+            {k: r[k] for k in ("rank", "layers", "o_proj_bytes", "weight_bytes",
+                               "kv_cache_bytes", "comm_bytes", "comm_bytes_by_op",
+                               "prefill_comm_bytes",
                                "decode_comm_bytes_per_step", "fetch_bytes_per_step",
                                "blocked_wait_ms", "prefill_fetch_bytes",
                                "decode_fetch_bytes_per_step", "prefill_blocked_wait_ms",
@@ -124,7 +131,9 @@ def format_summary(out: dict) -> str:
     lines.append(f"prefill {out['prefill_ms']:.1f} ms, decode {out['decode_ms_per_token']:.2f} "
                  "ms/token")
     for r in out["ranks"]:
-        lines.append(f"rank {r['rank']}: o_proj {r['o_proj_bytes'] / 2**20:.2f} MiB, weights "
+        a, b = r["layers"]
+        lines.append(f"rank {r['rank']} (layers {a}..{b - 1}): o_proj "
+                     f"{r['o_proj_bytes'] / 2**20:.2f} MiB, weights "
                      f"{r['weight_bytes'] / 2**20:.2f} MiB, comm {r['comm_bytes'] / 2**10:.1f} "
                      f"KiB, blocked wait {r['blocked_wait_ms']:.2f} ms")
     if "auto" in out:

@@ -1,7 +1,9 @@
 """Batched generation on one rank: prefill, KV cache, greedy (or temperature) decoding, metrics.
 
 Every TP rank runs the same Engine on the same prompts; the next tokens are broadcast from TP
-rank 0 each step so all ranks feed identical ids even with sampling. Metrics are per rank.
+rank 0 each step so all ranks feed identical ids even with sampling. Under pipeline parallelism
+each rank runs its stage (models/pipeline.py) and the last stage's tokens are broadcast over the
+PP group; DP replicas each run the whole batch on their own. Metrics are per rank.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import Tensor
 from flashcomm.comm import CommCounter
 from flashcomm.config import FlashCommConfig, FlashCommError
 from flashcomm.groups import ParallelGroups
+from flashcomm.models import pipeline
 from flashcomm.models.args import ModelArgs
 from flashcomm.models.loader import LoadReport, load_model
 from flashcomm.models.transformer import Transformer
@@ -92,6 +95,8 @@ class GenerationResult:
     """Layer-sharded o_proj: host time blocked in series.wait during the prefill step."""
     decode_blocked_wait_ms_per_step: float = 0.0
     """Layer-sharded o_proj: mean host time blocked in series.wait per decode step."""
+    layers: tuple[int, int] = (0, 0)
+    """[start, stop) of the decoder layers this rank's pipeline stage ran."""
 
     def to_dict(self) -> dict:
         """Every field as plain lists, dicts and numbers (what json.dumps and pickling take)."""
@@ -142,7 +147,7 @@ class Engine:
         """Batched prefill of every prompt, then one decode step per new token."""
         check_request(self.model.args, prompts, max_new_tokens)
         model, ctx = self.model, self.model.ctx
-        device = model.tok_embeddings.weight.device
+        device = model.anchor.device
         lens = [len(p) for p in prompts]
         cache = model.allocate_cache(len(prompts), max(lens) + max_new_tokens)
         gen = torch.Generator(device=device).manual_seed(seed)
@@ -155,8 +160,8 @@ class Engine:
         self._sync()
         t0 = time.perf_counter()
         tokens = torch.tensor([t for p in prompts for t in p], device=device)
-        logits = model(tokens, model.step([0] * len(lens), lens), cache)
-        nxt = self._next_tokens(logits, temperature, gen)
+        logits = pipeline.forward(model, tokens, model.step([0] * len(lens), lens), cache)
+        nxt = self._next_tokens(logits, temperature, gen, len(lens))
         self._sync()
         prefill_ms = (time.perf_counter() - t0) * 1e3
         prefill_comm = counter.total() if counter is not None else 0
@@ -171,7 +176,8 @@ class Engine:
                 if bool(done.all()):
                     break
             step = model.step([n + steps for n in lens], [1] * len(lens))
-            nxt = self._next_tokens(model(nxt, step, cache), temperature, gen)
+            logits = pipeline.forward(model, nxt, step, cache)
+            nxt = self._next_tokens(logits, temperature, gen, len(lens))
             out.append(nxt)
             steps += 1
         self._sync()
@@ -199,22 +205,27 @@ class Engine:
             prefill_blocked_wait_ms=(st1.blocked_wait_s - wait0) * 1e3 if st1 else 0.0,
             decode_blocked_wait_ms_per_step=(st.blocked_wait_s - st1.blocked_wait_s) * 1e3
             / max(steps, 1) if st else 0.0,
+            layers=(model.layer_range.start, model.layer_range.stop),
         )
 
-    def _next_tokens(self, logits: Tensor, temperature: float, gen: torch.Generator) -> Tensor:
-        """[B, V] logits -> [B] ids, identical on every TP rank (broadcast from TP rank 0)."""
-        if temperature > 0:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-        else:
-            nxt = logits.argmax(dim=-1)
+    def _next_tokens(self, logits: Tensor | None, temperature: float, gen: torch.Generator,
+                     batch: int) -> Tensor:
+        """[B, V] logits of the last stage (None on the others) -> [B] ids, identical on every
+        rank: broadcast from TP rank 0 of the last stage, then over the PP group."""
         groups = self.model.ctx.groups
-        if groups is not None and groups.tp.group is not None:
-            dist.broadcast(nxt, src=groups.tp.global_rank(0), group=groups.tp.group)
-        return nxt
+        nxt = None
+        if logits is not None:
+            if temperature > 0:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+            else:
+                nxt = logits.argmax(dim=-1)
+            if groups is not None and groups.tp.group is not None:
+                dist.broadcast(nxt, src=groups.tp.global_rank(0), group=groups.tp.group)
+        return pipeline.share_tokens(nxt, batch, groups, self.model.anchor.device)
 
     def _sync(self) -> None:
-        device = self.model.tok_embeddings.weight.device
+        device = self.model.anchor.device
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         groups = self.model.ctx.groups

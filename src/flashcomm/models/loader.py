@@ -2,7 +2,9 @@
 
 Every file is opened with `safe_open` (memory-mapped, lazy `get_slice`), so a rank reads only the
 rows/columns it holds, and a rank that does not own a layer-sharded o_proj never reads it (it
-registers a meta placeholder with the series instead). Everything that can be wrong with a
+registers a meta placeholder with the series instead). Under pipeline parallelism a rank reads
+only its stage's tensors (models/pipeline.py: layers, embeddings first, norm and lm_head last).
+Everything that can be wrong with a
 checkpoint (config field, missing tensor, wrong shape, truncated file) is checked from the
 headers first, on every rank alike, before the first collective (the series' finalize).
 Nothing is unpickled: only config.json, the safetensors index and safetensors files are read.
@@ -24,6 +26,7 @@ from flashcomm.config import ConfigError, FlashCommConfig
 from flashcomm.gathered import GatheredSeries
 from flashcomm.groups import ParallelGroups
 from flashcomm.models.moe import MOE_TENSOR_NAMES
+from flashcomm.models.pipeline import stage_of, stage_ranges
 from flashcomm.models.transformer import CheckpointError, ModelArgs, TPContext, TPPlan, Transformer
 from flashcomm.sharding import ShardedSeries
 
@@ -56,15 +59,19 @@ class LoadReport:
     """Bytes of tensor data this rank read."""
 
 
-def tensor_specs(args: ModelArgs, plan: TPPlan) -> list[TensorSpec]:
-    """Every tensor the model needs from the checkpoint, with this rank's slice of it."""
+def tensor_specs(args: ModelArgs, plan: TPPlan, layers: range | None = None) -> list[TensorSpec]:
+    """Every tensor the model (or the pipeline stage holding `layers`) needs from the
+    checkpoint, with this rank's slice of it: embeddings on the first stage, the final norm and
+    lm_head on the last (a tied lm_head there reads the embeddings), stage-local targets."""
     h, hd, i_sz = args.dim, args.head_dim, args.intermediate_size
     q_rows = (plan.q_heads[0] * hd, plan.q_heads[1] * hd)
     kv_rows = (plan.kv_heads[0] * hd, plan.kv_heads[1] * hd)
-    specs = [TensorSpec("model.embed_tokens.weight", "tok_embeddings.weight",
-                        (args.vocab_size, h))]
-    for i in range(args.n_layers):
-        p, t = f"model.layers.{i}.", f"layers.{i}."
+    layers = range(args.n_layers) if layers is None else layers
+    first, last = layers.start == 0, layers.stop == args.n_layers
+    embed = "model.embed_tokens.weight"
+    specs = [TensorSpec(embed, "tok_embeddings.weight", (args.vocab_size, h))] if first else []
+    for i in layers:
+        p, t = f"model.layers.{i}.", f"layers.{i - layers.start}."
         a, m = p + "self_attn.", p + "mlp."
         specs += [
             TensorSpec(p + "input_layernorm.weight", t + "attention_norm.weight", (h,)),
@@ -77,7 +84,7 @@ def tensor_specs(args: ModelArgs, plan: TPPlan) -> list[TensorSpec]:
             TensorSpec(a + "o_proj.weight", t + "attention.wo", (h, args.q_dim), 1, plan.o_cols),
         ]
         if i in args.moe_layers:
-            specs += _moe_specs(args, plan, i)
+            specs += _moe_specs(args, plan, i, t)
         else:
             specs += [
                 TensorSpec(m + "gate_proj.weight", t + "feed_forward.w1.weight", (i_sz, h), 0,
@@ -106,17 +113,21 @@ def tensor_specs(args: ModelArgs, plan: TPPlan) -> list[TensorSpec]:
                 TensorSpec(m + "up_proj.bias", t + "feed_forward.w3.bias", (i_sz,), 0, plan.ffn),
                 TensorSpec(m + "down_proj.bias", t + "feed_forward.w2_bias", (h,)),
             ]
-    specs.append(TensorSpec("model.norm.weight", "norm.weight", (h,)))
-    if not args.tie_word_embeddings:
-        specs.append(TensorSpec("lm_head.weight", "output.weight", (args.vocab_size, h)))
+    if last:
+        specs.append(TensorSpec("model.norm.weight", "norm.weight", (h,)))
+        if not args.tie_word_embeddings:
+            specs.append(TensorSpec("lm_head.weight", "output.weight", (args.vocab_size, h)))
+        elif not first:  # tied, and the embeddings live on another stage
+            specs.append(TensorSpec(embed, "output.weight", (args.vocab_size, h)))
     return specs
 
 
-def _moe_specs(args: ModelArgs, plan: TPPlan, i: int) -> list[TensorSpec]:
+def _moe_specs(args: ModelArgs, plan: TPPlan, i: int, target: str) -> list[TensorSpec]:
     """Layer i's router (replicated) and this rank's experts: a slice of every expert's inner
-    columns (TP experts) or its E/N whole experts (expert parallel)."""
+    columns (TP experts) or its E/N whole experts (expert parallel); `target`: the layer's
+    module prefix (layers.<stage-local index>.)."""
     block, gate, up, down = MOE_TENSOR_NAMES[args.model_type]
-    p, t = f"model.layers.{i}.{block}.", f"layers.{i}.feed_forward."
+    p, t = f"model.layers.{i}.{block}.", f"{target}feed_forward."
     h, inner, cols = args.dim, args.moe_intermediate_size, plan.expert_ffn
     specs = [TensorSpec(p + "gate.weight", t + "gate.weight", (args.n_experts, h))]
     for e in range(*plan.experts):
@@ -174,18 +185,15 @@ def validate_checkpoint(index: dict[str, tuple[Path, tuple[int, ...], str]],
 
 
 def check_strategy(args: ModelArgs, cfg: FlashCommConfig) -> None:
-    """ConfigError for layer-sharding knobs this model cannot use (pure, no groups needed)."""
+    """ConfigError for knobs this model cannot use (pure, no groups needed): layer sharding,
+    expert parallelism, the pipeline split and prefetch_step <= L_s - 2 on every stage."""
     other = [w for w in cfg.layer_sharding if w != "o_proj"]
     if other:
         raise ConfigError(f"layer_sharding={other}: Llama-family models only shard 'o_proj'")
     if cfg.expert_parallel and not args.is_moe:
         raise ConfigError(f"expert_parallel=True (--expert-parallel): model_type="
                           f"{args.model_type!r} has no experts")
-    if "o_proj" in cfg.layer_sharding and not 0 <= cfg.prefetch_step <= args.n_layers - 2:
-        raise ConfigError(
-            f"prefetch_step={cfg.prefetch_step}: must be in [0, L-2] = [0, {args.n_layers - 2}] "
-            f"for L={args.n_layers} layers"
-        )
+    stage_ranges(args, cfg)
 
 
 def _read(handle, spec: TensorSpec) -> Tensor:
@@ -231,8 +239,7 @@ def build_model(
         raise ConfigError(f"tp={cfg.tp}: the TP group has {tp} ranks")
     if groups is not None:
         check_strategy(args, cfg)
-        if cfg.pp != 1:
-            raise ConfigError(f"pp={cfg.pp}: the engine runs a single pipeline stage (pp=1)")
+    stage = stage_of(args, cfg, groups)  # a series covers only its stage's layers
     tp_rank = 0 if groups is None else groups.tp.rank
     plan = TPPlan.build(args, tp, tp_rank, cfg.flashcomm2_otp if groups is not None else 0,
                         groups is not None and cfg.expert_parallel)
@@ -243,12 +250,13 @@ def build_model(
                               "shard_weights (ParallelGroups.from_config does) for its group")
         hd = args.head_dim
         plan = replace(plan, o_cols=(plan.q_heads[0] * hd, plan.q_heads[1] * hd))
-        series = GatheredSeries("o_proj", groups.fetch, cfg.prefetch_step)
+        series = GatheredSeries("o_proj", groups.fetch, cfg.prefetch_step, layers=stage.layers)
     elif groups is not None and "o_proj" in cfg.layer_sharding:
-        series = ShardedSeries("o_proj", groups.shard["o_proj"], cfg.prefetch_step)
+        series = ShardedSeries("o_proj", groups.shard["o_proj"], cfg.prefetch_step,
+                               layers=stage.layers)
     ctx = TPContext(cfg, groups, counter, series)
     with torch.device("meta"):
-        return Transformer(args, plan, ctx)
+        return Transformer(args, plan, ctx, stage.layers)
 
 
 def load_weights(
@@ -265,7 +273,7 @@ def load_weights(
     args, plan, series = model.args, model.plan, model.ctx.o_series
     groups = model.ctx.groups
     index = checkpoint_index(path)
-    specs = tensor_specs(args, plan)
+    specs = tensor_specs(args, plan, model.layer_range)  # this stage's tensors only
     validate_checkpoint(index, tensor_specs(args, TPPlan.build(args, 1, 0)))  # alike on all ranks
     if dtype is None:
         dtype = _DTYPES[index["model.embed_tokens.weight"][2]]

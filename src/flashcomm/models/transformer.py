@@ -14,7 +14,10 @@ dimension ([T, H], token dim first), which is exactly FlashComm's token dimensio
     optionally layer-sharded through a ShardedSeries (prefetch at QKV start, wait at o_proj)
     or a GatheredSeries (resident D/N slices, gathered on FlashComm2 steps only);
   * with FlashComm1 the residual stream between layers is this rank's token chunk [T_pad/N, H];
-  * embeddings, final norm and lm_head are replicated on every rank (simplest; small models).
+  * embeddings, final norm and lm_head are replicated on every TP rank (simplest; small models).
+Pipeline stages: a Transformer holds the layers of one stage (`layer_range`, absolute indices;
+KV cache and module list local), embeddings only on the first stage, final norm and lm_head only
+on the last; models/pipeline.py passes hidden states between stages.
 """
 
 from __future__ import annotations
@@ -170,9 +173,11 @@ def token_chunk(x: Tensor, group: GroupHandle) -> Tensor:
 class Attention(nn.Module):
     """GQA attention over this rank's heads; o_proj follows the TPContext's strategy."""
 
-    def __init__(self, args: ModelArgs, plan: TPPlan, layer_idx: int, sharded_o: bool) -> None:
+    def __init__(self, args: ModelArgs, plan: TPPlan, layer_idx: int, sharded_o: bool,
+                 cache_idx: int | None = None) -> None:
         super().__init__()
-        self.layer_idx = layer_idx
+        self.layer_idx = layer_idx  # absolute: the series and attention windows use it
+        self.cache_idx = layer_idx if cache_idx is None else cache_idx  # in this stage's cache
         self.n_q, self.n_kv, self.head_dim = plan.n_q, plan.n_kv, args.head_dim
         self.window = args.sliding_windows[layer_idx] if args.sliding_windows else None
         self.wq = nn.Linear(args.dim, plan.n_q * args.head_dim, bias=args.qkv_bias)
@@ -202,7 +207,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
-        k_cache, v_cache = cache.k[self.layer_idx], cache.v[self.layer_idx]
+        k_cache, v_cache = cache.k[self.cache_idx], cache.v[self.cache_idx]
         k_cache[step.seq, step.pos] = k
         v_cache[step.seq, step.pos] = v
         kv_index = self.kv_index
@@ -248,9 +253,10 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm decoder layer: attention then MLP, each with a residual."""
 
-    def __init__(self, args: ModelArgs, plan: TPPlan, layer_idx: int, sharded_o: bool) -> None:
+    def __init__(self, args: ModelArgs, plan: TPPlan, layer_idx: int, sharded_o: bool,
+                 cache_idx: int | None = None) -> None:
         super().__init__()
-        self.attention = Attention(args, plan, layer_idx, sharded_o)
+        self.attention = Attention(args, plan, layer_idx, sharded_o, cache_idx)
         moe = layer_idx in args.moe_layers
         self.feed_forward = MoEFeedForward(args, plan) if moe else FeedForward(args, plan)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
@@ -279,31 +285,57 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The decoder; embeddings, final norm and lm_head replicated on every TP rank."""
+    """The decoder layers of one pipeline stage (all of them when pp = 1); embeddings on the
+    first stage, final norm and lm_head on the last, replicated on every TP rank."""
 
-    def __init__(self, args: ModelArgs, plan: TPPlan, ctx: TPContext) -> None:
+    def __init__(self, args: ModelArgs, plan: TPPlan, ctx: TPContext,
+                 layer_range: range | None = None) -> None:
         super().__init__()
         self.args, self.plan, self.ctx = args, plan, ctx
+        self.layer_range = range(args.n_layers) if layer_range is None else layer_range
+        self.first = self.layer_range.start == 0
+        self.last = self.layer_range.stop == args.n_layers
         sharded_o = ctx.o_series is not None
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(
-            TransformerBlock(args, plan, i, sharded_o) for i in range(args.n_layers)
+        start = self.layer_range.start
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim) if self.first else None
+        self.layers = nn.ModuleList(  # local index i - start; state dict keys layers.<local>
+            TransformerBlock(args, plan, i, sharded_o, i - start) for i in self.layer_range
         )
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = None if args.tie_word_embeddings else nn.Linear(
-            args.dim, args.vocab_size, bias=False)
+        self.norm = RMSNorm(args.dim, args.norm_eps) if self.last else None
+        tied = args.tie_word_embeddings and self.first  # a last stage alone reads its own copy
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False) \
+            if self.last and not tied else None
         self.inv_freq = rope_inv_freq(args)  # plain attribute: not a weight, never loaded
 
+    @property
+    def anchor(self) -> Tensor:
+        """A weight every stage holds: its device and dtype are the model's."""
+        return self.layers[0].attention_norm.weight
+
     def forward(self, tokens: Tensor, step: Step, cache: KVCache) -> Tensor:
-        """tokens [T] -> float logits [R, V] of step.logit_rows (all T rows if None)."""
-        ctx = self.ctx
+        """tokens [T] -> float logits [R, V] of step.logit_rows (all T rows if None); a single
+        stage only (models/pipeline.py runs several)."""
+        if not (self.first and self.last):
+            raise RuntimeError(f"layers {self.layer_range.start}..{self.layer_range.stop - 1}: "
+                               "one pipeline stage; run it with flashcomm.models.pipeline.forward")
+        return self.head(self.run_layers(self.embed(tokens), step, cache), step)
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """First stage: tokens [T] -> h [T, H], or this rank's chunk [T_pad/N, H] (FlashComm1)."""
+        h = self.tok_embeddings(tokens)  # [T, H]
+        return token_chunk(h, self.ctx.tp_group) if self.ctx.flashcomm1 else h
+
+    def run_layers(self, h: Tensor, step: Step, cache: KVCache) -> Tensor:
+        """This stage's layers: h [T, H] (or [T_pad/N, H] with FlashComm1) -> same layout."""
         if step.cos is None:
             raise ValueError("step has no RoPE tables: build it with Transformer.step")
-        h = self.tok_embeddings(tokens)  # [T, H]
-        if ctx.flashcomm1:
-            h = token_chunk(h, ctx.tp_group)  # [T_pad/N, H]
         for layer in self.layers:
-            h = layer(h, step, cache, ctx)
+            h = layer(h, step, cache, self.ctx)
+        return h
+
+    def head(self, h: Tensor, step: Step) -> Tensor:
+        """Last stage: h [T, H] (or [T_pad/N, H]) -> float logits [R, V] of step.logit_rows."""
+        ctx = self.ctx
         if ctx.flashcomm1:
             h = comm.all_gather_tokens(self.norm(h), step.num_tokens, ctx.tp_group, ctx.counter)
         if step.logit_rows is not None:
@@ -316,17 +348,17 @@ class Transformer(nn.Module):
     def step(self, starts: list[int], counts: list[int], last_only: bool = True) -> Step:
         """A Step for this model (its device, dtype, RoPE and attention windows): sequence b
         adds counts[b] tokens after its first starts[b]; logits of the last ones only."""
-        w = self.tok_embeddings.weight
+        w = self.anchor
         windows = tuple(layer.attention.window for layer in self.layers)
         return Step.build(starts, counts, w.device, last_only, inv_freq=self.inv_freq,
                           dtype=w.dtype, windows=windows)
 
     def allocate_cache(self, batch: int, max_len: int) -> KVCache:
         """Zeroed KV buffers for `batch` sequences of up to `max_len` positions, this rank's
-        kv heads, in the weights' dtype and device."""
-        w = self.tok_embeddings.weight
+        kv heads and this stage's layers, in the weights' dtype and device."""
+        w = self.anchor
         shape = (batch, max_len, self.plan.n_kv, self.args.head_dim)
-        n = self.args.n_layers
+        n = len(self.layers)  # this stage's layers only
         return KVCache([torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(n)],
                        [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(n)])
 

@@ -1,8 +1,9 @@
 """Run vLLM (fp32, TP=2 by default) on the tiny Llama and write greedy tokens and layer facts.
 
 Usage: python run_vllm.py MODEL_DIR OUT_JSON RUNS_JSON
-RUNS_JSON maps a run name to {"env": {...}, "eager": bool, "tp": int, "timeout": s}: one LLM
-instance per run, in order, created with those extra environment variables (read by the plugin
+RUNS_JSON maps a run name to {"env": {...}, "eager": bool, "tp": int, "timeout": s, "llm": {...}}
+("llm": more LLM arguments, e.g. pipeline_parallel_size): one LLM instance per run, in order,
+created with those extra environment variables (read by the plugin
 in the spawned workers; VLLM_CACHE_ROOT there picks the compile cache). All prompts of one
 instance run as one batch. Each instance gets its own timeout (SIGALRM); the JSON is rewritten
 after every run, so partial results survive a later hang.
@@ -42,7 +43,7 @@ def run_one(model: str, spec: dict, prompts: list[str], max_tokens: int) -> dict
         with llm_with_env(spec.get("env", {}), model=model, tensor_parallel_size=spec.get("tp", 2),
                           dtype="float32", enforce_eager=spec.get("eager", False),
                           kv_cache_memory_bytes=64 << 20, max_model_len=128, max_num_seqs=8,
-                          seed=0, distributed_executor_backend="mp") as llm:
+                          seed=0, distributed_executor_backend="mp", **spec.get("llm", {})) as llm:
             t1 = time.perf_counter()
             params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
             outs = llm.generate(prompts, params, use_tqdm=False)

@@ -256,8 +256,8 @@ def test_bad_input_fails_before_any_rank_starts(ckpts, capsys, argv, message) ->
         preflight(ckpts["llama"], cfg)  # pure: no process group exists here
 
 
-def test_cli_runs_a_plain_tp1_pipeline_and_layout_shows_its_stages(ckpts, references,
-                                                                   capsys) -> None:
+def test_cli_runs_a_plain_tp1_pipeline_and_layout_and_plan_show_its_stages(
+        ckpts, references, capsys) -> None:
     ids = [",".join(map(str, p)) for p in PROMPTS]
     assert cli.main(["run", "--model", ckpts["qwen2"], "--nproc", "2", "--config-json",
                      '{"pp": 2}', "--token-ids", *ids, "--max-new-tokens", str(NEW_TOKENS),
@@ -274,4 +274,12 @@ def test_cli_runs_a_plain_tp1_pipeline_and_layout_shows_its_stages(ckpts, refere
     assert cli.main(["layout", "--num-layers", "7", "--pp", "4"]) == 0
     text = capsys.readouterr().out
     assert "stage 3: layers 6..6 (L_s=1)" in text and "stage 0: layers 0..1 (L_s=2)" in text
+    assert cli.main(["plan", "--model", ckpts["qwen2"], "--tp", "2", "--pp", "2", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["stages"]
+    w = 64 * 64 * 2  # bf16 |W| of the full W_o, per stage the fullest rank
+    assert plan["layers"] == [[0, 4], [4, 7]]
+    assert plan["o_proj_bytes"]["allreduce"] == [4 * w // 2, 3 * w // 2]
+    assert plan["o_proj_bytes"]["fc2+oshard(k=1)"] == [4 * w, 4 * w]
+    assert plan["o_proj_bytes"]["fc2+gather(k=1)"] == [4 * w // 2 + 2 * w, 3 * w // 2 + 2 * w]
+    assert plan["o_proj_bytes"]["fc2+oshard(k=2)"] == [None, None]  # k > L_s - 2 on stage 1
     assert ModelArgs.from_dir(ckpts["qwen2"]).tie_word_embeddings

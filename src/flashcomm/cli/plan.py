@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from flashcomm.config import parse_int
+from flashcomm.config import FlashCommConfig, parse_int
 from flashcomm.models.args import ModelArgs
 from flashcomm.models.random_checkpoint import demo_checkpoint
 from flashcomm.plan.auto import load_profile
@@ -53,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-steps", type=int, default=256,
                         help="decode steps per prefill in mixed serving (the mixed deployment)")
     parser.add_argument("--dtype-bytes", type=int, default=2, help="2 for bf16, 4 for fp32")
+    parser.add_argument("--pp", help="pipeline stages: adds each stage's layers and o_proj "
+                        "per rank (layers split as vLLM splits them)")
+    parser.add_argument("--pp-layer-partition", help="layers per stage, e.g. 4,3 (with --pp)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -66,5 +69,20 @@ def main(args: argparse.Namespace) -> int:
         memory_budget_bytes=None if args.memory_budget is None else args.memory_budget * GIB,
         decode_steps=args.decode_steps,
     )
-    print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
+    text = None if args.json else format_plan(plan)
+    if args.pp is not None:  # per pipeline stage: layers and o_proj per rank
+        from flashcomm.config import ShardSource
+        from flashcomm.plan.stages import format_stage_plan, stage_plan
+        from flashcomm.plan.strategy import candidates
+
+        m, tp = ModelArgs.from_dir(model_dir), parse_int("tp", args.tp)
+        otps = None if not args.otp else [parse_int("otp", o) for o in args.otp]
+        partition = FlashCommConfig.knobs()["pp_layer_partition"].parse(
+            "pp_layer_partition", args.pp_layer_partition or "")
+        plan["stages"] = stage_plan(
+            candidates(tp, m.n_layers, otps, sources=(ShardSource.OWNER, ShardSource.GATHER)),
+            tp, m.n_layers, m.dim, m.q_dim, args.dtype_bytes,
+            parse_int("pp", args.pp), partition)
+        text = None if args.json else "\n".join([text, "", *format_stage_plan(plan["stages"])])
+    print(json.dumps(plan, indent=1) if args.json else text)
     return 0

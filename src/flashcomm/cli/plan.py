@@ -13,20 +13,23 @@ from flashcomm.plan.planner import GIB, make_plan
 
 
 def format_plan(plan: dict) -> str:
-    """The plan as a readable table."""
-    hdr = (f"{'strategy':<34} {'o_proj MiB':>10} {'weights MiB':>11} {'prefill ms':>10} "
+    """The plan as a readable table (memory in GiB once a rank holds 1 GiB of weights)."""
+    big = max((r["weight_bytes"] for r in plan["strategies"]), default=0) >= 2**30
+    unit, div, fmt = ("GiB", 2**30, ".2f") if big else ("MiB", 2**20, ".1f")
+    hdr = (f"{'strategy':<34} {'o_proj ' + unit:>10} {'weights ' + unit:>11} {'prefill ms':>10} "
            f"{'decode ms':>9} {'crossover T':>11} {'fetch KiB pre/dec':>17} "
            f"{'hidden pre/dec':>14} {'fits':>4}")
     yes_no = {None: "-", True: "yes", False: "NO"}
     lines = [f"tp={plan['tp']}  profile={plan['profile']}  prefill T={plan['prefill_tokens']}  "
-             f"decode batch={plan['decode_batch']}", hdr, "-" * len(hdr)]
+             f"decode batch={plan['decode_batch']}  bytes/elt: activations {plan['elt_bytes']}, "
+             f"weights {plan['weight_elt_bytes']}", hdr, "-" * len(hdr)]
     for r in plan["strategies"]:
         hidden = f"{yes_no[r['oshard_hidden']]}/{yes_no[r['decode_fetch_hidden']]}"
         fetch = f"{r['prefill_fetch_bytes'] / 1024:.0f}/{r['decode_fetch_bytes'] / 1024:.0f}"
         cross = "-" if r["crossover_tokens"] is None else str(r["crossover_tokens"])
         lines.append(
-            f"{r['strategy']:<34} {r['o_proj_bytes'] / 2**20:>10.1f} "
-            f"{r['weight_bytes'] / 2**20:>11.1f} {r['prefill_comm_s'] * 1e3:>10.3f} "
+            f"{r['strategy']:<34} {r['o_proj_bytes'] / div:>10{fmt}} "
+            f"{r['weight_bytes'] / div:>11{fmt}} {r['prefill_comm_s'] * 1e3:>10.3f} "
             f"{r['decode_comm_s'] * 1e3:>9.3f} {cross:>11} {fetch:>17} {hidden:>14} "
             f"{'yes' if r['fits_budget'] else 'no':>4}")
     rec = plan["recommendation"]
@@ -53,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-steps", type=int, default=256,
                         help="decode steps per prefill in mixed serving (the mixed deployment)")
     parser.add_argument("--dtype-bytes", type=int, default=2, help="2 for bf16, 4 for fp32")
+    parser.add_argument("--weight-bytes", type=int,
+                        help="bytes per weight element, e.g. 1 for int8 weights (memory and "
+                             "W_o fetches; default: --dtype-bytes)")
     parser.add_argument("--pp", help="pipeline stages: adds each stage's layers and o_proj "
                         "per rank (layers split as vLLM splits them)")
     parser.add_argument("--pp-layer-partition", help="layers per stage, e.g. 4,3 (with --pp)")
@@ -67,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
         otps=None if not args.otp else [parse_int("otp", o) for o in args.otp],
         prefill_tokens=args.prefill_tokens, decode_batch=args.decode_batch, elt=args.dtype_bytes,
         memory_budget_bytes=None if args.memory_budget is None else args.memory_budget * GIB,
-        decode_steps=args.decode_steps,
+        decode_steps=args.decode_steps, weight_elt=args.weight_bytes,
     )
     text = None if args.json else format_plan(plan)
     if args.pp is not None:  # per pipeline stage: layers and o_proj per rank

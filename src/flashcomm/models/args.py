@@ -1,5 +1,5 @@
-"""Hugging Face config.json -> ModelArgs: the Llama family (Llama, Mistral, Qwen2, Qwen3) and
-its mixture-of-experts relatives (Qwen3-MoE, Mixtral).
+"""Hugging Face config.json -> ModelArgs: the Llama family (Llama, Mistral, Qwen2, Qwen3), its
+mixture-of-experts relatives (Qwen3-MoE, Mixtral) and DeepSeek-V3 (latent attention, MLA).
 
 Pure Python + torch: parsing and validation happen before any process group exists, so a bad
 checkpoint fails on every rank with the same message naming the field.
@@ -19,8 +19,9 @@ from torch import Tensor
 
 from flashcomm.config import FlashCommError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
-MOE_MODEL_TYPES = ("qwen3_moe", "mixtral")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral",
+                         "deepseek_v3")
+MOE_MODEL_TYPES = ("qwen3_moe", "mixtral", "deepseek_v3")
 _DEFAULT_ROPE_THETA = {"mixtral": 1e6}  # what transformers assumes when config.json is silent
 
 
@@ -45,7 +46,8 @@ class ModelArgs:
     n_kv_heads: int
     """Key/value heads (GQA when fewer than n_heads)."""
     head_dim: int
-    """Per-head dimension; D = n_heads * head_dim may differ from H (Qwen3)."""
+    """Per-head dimension; D = n_heads * head_dim may differ from H (Qwen3). MLA: v_head_dim,
+    the per-head width of the attention output (config.json's head_dim is the rope width)."""
     intermediate_size: int
     """MLP inner size."""
     norm_eps: float = 1e-6
@@ -53,7 +55,7 @@ class ModelArgs:
     rope_theta: float = 10000.0
     """RoPE base."""
     rope_scaling: dict[str, Any] | None = None
-    """llama3 RoPE scaling parameters, or None."""
+    """llama3 RoPE scaling parameters, yarn's (with rope_type='yarn'), or None."""
     qkv_bias: bool = False
     """Bias on q/k/v projections (Qwen2, Llama attention_bias)."""
     o_bias: bool = False
@@ -78,11 +80,51 @@ class ModelArgs:
     """Renormalise the top-k routing probabilities to sum to 1 (Mixtral always does)."""
     moe_layers: tuple[int, ...] = ()
     """Layers whose MLP is the sparse MoE block; every other layer has the dense MLP."""
+    n_shared_experts: int = 0
+    """DeepSeek: shared experts (one SwiGLU of inner size n * moe_intermediate_size) every token
+    passes through besides its routed ones."""
+    routed_scaling_factor: float = 1.0
+    """DeepSeek: factor on the routed experts' weights."""
+    n_group: int = 1
+    """DeepSeek: expert groups; a token picks experts from its topk_group best groups only."""
+    topk_group: int = 1
+    """DeepSeek: groups a token may route to."""
+    q_lora_rank: int | None = None
+    """MLA: rank of the low-rank query path (q_a_proj, q_a_layernorm, q_b_proj); None: q_proj."""
+    kv_lora_rank: int = 0
+    """MLA: width of the compressed key/value latent (0: not an MLA model)."""
+    qk_nope_head_dim: int = 0
+    """MLA: per-head query/key width without position encoding."""
+    qk_rope_head_dim: int = 0
+    """MLA: per-head query/key width with RoPE (the key part is shared by every head)."""
+    rope_interleave: bool = False
+    """MLA: the rope dims come as interleaved pairs (x0, x1), (x2, x3)... (DeepSeek's layout)."""
 
     @property
     def q_dim(self) -> int:
-        """D = n_heads * head_dim, the o_proj input width."""
+        """D = n_heads * head_dim, the o_proj input width (MLA: n_heads * v_head_dim)."""
         return self.n_heads * self.head_dim
+
+    @property
+    def is_mla(self) -> bool:
+        """Whether attention is DeepSeek's multi-head latent attention (models/mla.py)."""
+        return self.kv_lora_rank > 0
+
+    def attn_weights(self, tp: int) -> int:
+        """Attention weight elements one of `tp` ranks holds per layer, all but o_proj's weight:
+        q/k/v of its heads (+ Qwen3's q/k norms); MLA: the replicated latent projections and
+        norms, q_b_proj (or q_proj) and kv_b_proj of its heads; biases included."""
+        h, hq, bias = self.dim, self.n_heads // tp, self.dim if self.o_bias else 0
+        if not self.is_mla:
+            kv = max(1, self.n_kv_heads // tp) * self.head_dim
+            qkv = hq * self.head_dim + 2 * kv
+            return h * qkv + (qkv if self.qkv_bias else 0) + bias + (
+                2 * self.head_dim if self.qk_norm else 0)
+        qk, r = self.qk_nope_head_dim + self.qk_rope_head_dim, self.q_lora_rank
+        q = h * hq * qk if r is None else (h + 1 + int(self.qkv_bias)) * r + r * hq * qk
+        kv_a = (h + int(self.qkv_bias)) * (self.kv_lora_rank + self.qk_rope_head_dim)
+        kv_b = self.kv_lora_rank * hq * (self.qk_nope_head_dim + self.head_dim)
+        return q + kv_a + self.kv_lora_rank + kv_b + bias
 
     @property
     def is_moe(self) -> bool:
@@ -91,18 +133,22 @@ class ModelArgs:
 
     def mlp_weights(self, tp: int) -> int:
         """MLP weight elements one of `tp` ranks holds over all layers: dense 3*H*I/N; MoE the
-        replicated router E*H plus 3*H*I_moe*E/N (1/N of every expert, or E/N whole ones)."""
+        replicated router E*H plus 3*H*I_moe*E/N (1/N of every expert, or E/N whole ones);
+        DeepSeek adds the router's bias E and 1/N of the shared experts."""
         n_moe = len(self.moe_layers)
         dense = (self.n_layers - n_moe) * 3 * self.dim * self.intermediate_size // tp
-        experts = 3 * self.dim * self.moe_intermediate_size * self.n_experts // tp
-        return dense + n_moe * (self.n_experts * self.dim + experts)
+        experts = 3 * self.dim * self.moe_intermediate_size * (
+            self.n_experts + self.n_shared_experts) // tp
+        bias = self.n_experts if self.model_type == "deepseek_v3" else 0
+        return dense + n_moe * (self.n_experts * self.dim + bias + experts)
 
     def mlp_active_weights(self, tp: int) -> float:
         """MLP weight elements one token multiplies on one of `tp` ranks, averaged over layers
-        (its top-k experts in MoE layers, plus the router)."""
+        (its top-k and the shared experts in MoE layers, plus the router)."""
         n_moe = len(self.moe_layers)
         dense = (self.n_layers - n_moe) * 3 * self.dim * self.intermediate_size / tp
-        routed = 3 * self.dim * self.moe_intermediate_size * self.n_experts_per_tok / tp
+        routed = 3 * self.dim * self.moe_intermediate_size * (
+            self.n_experts_per_tok + self.n_shared_experts) / tp
         return (dense + n_moe * (self.n_experts * self.dim + routed)) / self.n_layers
 
     @classmethod
@@ -127,12 +173,16 @@ class ModelArgs:
         n_kv = int(cfg.get("num_key_value_heads") or n_heads)
         head_dim = int(cfg.get("head_dim") or dim // n_heads)
         n_layers = int(need("num_hidden_layers"))
+        deepseek = _deepseek_fields(cfg, need) if mt == "deepseek_v3" else {}
+        if deepseek:  # MLA has no kv heads; head_dim is the attention output's per-head width
+            n_kv, head_dim = n_heads, int(need("v_head_dim"))
         if n_heads % n_kv:
             raise CheckpointError(
                 f"config.json: num_attention_heads={n_heads} must be a multiple of "
                 f"num_key_value_heads={n_kv}"
             )
-        theta, scaling = _rope_params(cfg, _DEFAULT_ROPE_THETA.get(mt, 10000.0))
+        theta, scaling = _rope_params(cfg, _DEFAULT_ROPE_THETA.get(mt, 10000.0),
+                                      ("yarn",) if deepseek else ())
         windows = _sliding_windows(cfg, mt, n_layers)
         bias = bool(cfg.get("attention_bias", False))
         return cls(
@@ -144,7 +194,7 @@ class ModelArgs:
             mlp_bias=bool(cfg.get("mlp_bias", False)), qk_norm=mt in ("qwen3", "qwen3_moe"),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             sliding_windows=windows, max_position_embeddings=_max_positions(cfg),
-            **_moe_fields(cfg, mt, n_layers, need),
+            **_moe_fields(cfg, mt, n_layers, need), **deepseek,
         )
 
     @classmethod
@@ -159,7 +209,8 @@ class ModelArgs:
             raise CheckpointError(f"{f}: not valid JSON ({e})") from None
 
 
-def _rope_params(cfg: dict[str, Any], default_theta: float) -> tuple[float, dict[str, Any] | None]:
+def _rope_params(cfg: dict[str, Any], default_theta: float,
+                 more: tuple[str, ...] = ()) -> tuple[float, dict[str, Any] | None]:
     # transformers >= 5 writes rope_parameters; older checkpoints rope_theta + rope_scaling
     params = dict(cfg.get("rope_parameters") or {})
     params.update(cfg.get("rope_scaling") or {})
@@ -167,15 +218,74 @@ def _rope_params(cfg: dict[str, Any], default_theta: float) -> tuple[float, dict
     kind = params.get("rope_type", params.get("type", "default"))
     if kind == "default":
         return theta, None
+    if kind == "yarn" and kind in more:
+        return theta, _yarn_params(params, cfg)
     if kind != "llama3":
         raise CheckpointError(
-            f"config.json: rope_scaling type {kind!r} is not supported; allowed: default, llama3"
-        )
+            f"config.json: rope_scaling type {kind!r} is not supported; allowed: "
+            f"{', '.join(('default', 'llama3', *more))}")
     keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     missing = [k for k in keys if k not in params]
     if missing:
         raise CheckpointError(f"config.json: llama3 rope_scaling is missing {missing}")
     return theta, {k: float(params[k]) for k in keys}
+
+
+def _yarn_params(params: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    """yarn's parameters with transformers' defaults, plus the cos/sin attention_factor."""
+    orig = params.get("original_max_position_embeddings") or cfg.get("max_position_embeddings")
+    if not orig:
+        raise CheckpointError("config.json: yarn rope_scaling needs "
+                              "original_max_position_embeddings (or max_position_embeddings)")
+    factor = float(params.get("factor") or cfg.get("max_position_embeddings", orig) / orig)
+    mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+    attn = params.get("attention_factor")
+    if attn is None:
+        attn = (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+                if mscale and mscale_all_dim else yarn_mscale(factor))
+    return {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": orig,
+            "beta_fast": float(params.get("beta_fast") or 32),
+            "beta_slow": float(params.get("beta_slow") or 1), "mscale": mscale,
+            "mscale_all_dim": mscale_all_dim, "attention_factor": float(attn),
+            "truncate": bool(params.get("truncate", True))}
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """yarn's magnitude correction 0.1 * mscale * ln(scale) + 1 (1 when scale <= 1)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+_DEEPSEEK_DEFAULTS = {"q_lora_rank": 1536, "n_shared_experts": 1, "routed_scaling_factor": 2.5,
+                      "n_group": 8, "topk_group": 4, "rope_interleave": True}
+"""What transformers' DeepseekV3Config assumes for a field config.json does not write."""
+
+
+def _deepseek_fields(cfg: dict[str, Any], need: Callable[[str], Any]) -> dict[str, Any]:
+    """DeepSeek-V3's MLA dims (from their own keys, never head_dim) and routing fields."""
+    def get(name: str) -> Any:
+        return cfg[name] if name in cfg else _DEEPSEEK_DEFAULTS[name]
+
+    for key, want in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"),
+                      ("moe_layer_freq", 1)):
+        if cfg.get(key, want) != want:
+            raise CheckpointError(f"config.json: {key}={cfg[key]!r} is not supported; allowed: "
+                                  f"{want!r} (DeepSeek-V3 as transformers runs it)")
+    out = {k: int(need(k)) for k in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim")}
+    q_rank = get("q_lora_rank")
+    out |= {"q_lora_rank": None if q_rank is None else int(q_rank),
+            "n_shared_experts": int(get("n_shared_experts") or 0),
+            "routed_scaling_factor": float(get("routed_scaling_factor")),
+            "n_group": int(get("n_group") or 1), "topk_group": int(get("topk_group") or 1),
+            "rope_interleave": bool(get("rope_interleave"))}
+    e, g, tg = int(cfg.get("n_routed_experts") or 0), out["n_group"], out["topk_group"]
+    if e and (e % g or e // g < 2 or not 1 <= tg <= g
+              or int(need("num_experts_per_tok")) > tg * e // g):
+        raise CheckpointError(
+            f"config.json: n_routed_experts={e}, n_group={g}, topk_group={tg}, "
+            f"num_experts_per_tok={cfg.get('num_experts_per_tok')}: the groups must split the "
+            f"experts evenly, >= 2 each, 1 <= topk_group <= n_group, and the chosen groups hold "
+            f"at least num_experts_per_tok experts")
+    return out
 
 
 def _max_positions(cfg: dict[str, Any]) -> int | None:
@@ -209,6 +319,11 @@ def _moe_fields(cfg: dict[str, Any], mt: str, n_layers: int,
         n_experts, inner = int(need("num_local_experts")), int(need("intermediate_size"))
         norm = True
         sparse = list(range(n_layers))
+    elif mt == "deepseek_v3":  # transformers' defaults where config.json is silent
+        n_experts, inner = int(need("n_routed_experts")), int(need("moe_intermediate_size"))
+        norm = bool(cfg.get("norm_topk_prob", True))
+        first = int(cfg.get("first_k_dense_replace", 3))
+        sparse = list(range(first, n_layers)) if n_experts else []
     else:
         given = {k: cfg[k] for k in ("num_experts", "num_local_experts") if cfg.get(k) is not None}
         if len(set(given.values())) > 1:
@@ -233,12 +348,15 @@ def _moe_fields(cfg: dict[str, Any], mt: str, n_layers: int,
 
 
 def rope_inv_freq(args: ModelArgs) -> Tensor:
-    """[head_dim/2] float32 inverse frequencies, llama3-scaled when configured."""
-    d = args.head_dim
+    """[rope_dim/2] float32 inverse frequencies (rope_dim: head_dim, MLA's qk_rope_head_dim),
+    llama3- or yarn-scaled when configured."""
+    d = args.qk_rope_head_dim or args.head_dim
     inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, device="cpu").float() / d))
     s = args.rope_scaling
     if s is None:
         return inv
+    if s.get("rope_type") == "yarn":
+        return _yarn_inv_freq(d, args.rope_theta, s)
     low_wl = s["original_max_position_embeddings"] / s["low_freq_factor"]
     high_wl = s["original_max_position_embeddings"] / s["high_freq_factor"]
     wavelen = 2 * math.pi / inv
@@ -249,3 +367,21 @@ def rope_inv_freq(args: ModelArgs) -> Tensor:
     smoothed = (1 - smooth) * scaled / s["factor"] + smooth * scaled
     medium = (wavelen >= high_wl) & (wavelen <= low_wl)
     return torch.where(medium, smoothed, scaled)
+
+
+def _yarn_inv_freq(d: int, base: float, s: dict[str, Any]) -> Tensor:
+    """yarn: interpolated (inv / factor) below the beta_slow..beta_fast correction range,
+    extrapolated (inv) above it, a linear ramp in between (transformers' formula)."""
+    def dim_of(rotations: float) -> float:
+        return d * math.log(s["original_max_position_embeddings"] / (rotations * 2 * math.pi)) / (
+            2 * math.log(base))
+
+    low, high = dim_of(s["beta_fast"]), dim_of(s["beta_slow"])
+    if s["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    high += 0.001 if low == high else 0  # no zero-width ramp
+    idx = torch.arange(0, d, 2, device="cpu").float()  # cpu: built under torch.device("meta")
+    extrapolation = 1 - ((idx / 2 - low) / (high - low)).clamp(0, 1)  # 1 - linear ramp
+    pos = base ** (idx / d)
+    return 1.0 / (s["factor"] * pos) * (1 - extrapolation) + 1.0 / pos * extrapolation

@@ -25,6 +25,8 @@ from flashcomm.comm import CommCounter
 from flashcomm.config import ConfigError, FlashCommConfig
 from flashcomm.gathered import GatheredSeries
 from flashcomm.groups import ParallelGroups
+from flashcomm.models.deepseek_moe import deepseek_moe_tensors
+from flashcomm.models.mla import mla_tensors
 from flashcomm.models.moe import MOE_TENSOR_NAMES
 from flashcomm.models.pipeline import stage_of, stage_ranges
 from flashcomm.models.transformer import CheckpointError, ModelArgs, TPContext, TPPlan, Transformer
@@ -47,6 +49,8 @@ class TensorSpec:
     """Dimension that is sliced (when `part` is set)."""
     part: tuple[int, int] | None = None
     """[start, end) along `dim` read by this rank; None reads the whole tensor."""
+    dtype: torch.dtype | None = None
+    """Load in this dtype whatever the model's (DeepSeek's router stays fp32); None: the model's."""
 
 
 @dataclass
@@ -73,18 +77,27 @@ def tensor_specs(args: ModelArgs, plan: TPPlan, layers: range | None = None) -> 
     for i in layers:
         p, t = f"model.layers.{i}.", f"layers.{i - layers.start}."
         a, m = p + "self_attn.", p + "mlp."
-        specs += [
-            TensorSpec(p + "input_layernorm.weight", t + "attention_norm.weight", (h,)),
-            TensorSpec(p + "post_attention_layernorm.weight", t + "ffn_norm.weight", (h,)),
+        qkv = [
             TensorSpec(a + "q_proj.weight", t + "attention.wq.weight", (args.q_dim, h), 0, q_rows),
             TensorSpec(a + "k_proj.weight", t + "attention.wk.weight",
                        (args.n_kv_heads * hd, h), 0, kv_rows),
             TensorSpec(a + "v_proj.weight", t + "attention.wv.weight",
                        (args.n_kv_heads * hd, h), 0, kv_rows),
+        ]
+        if args.is_mla:  # latent attention: its own projections instead of q/k/v (mla.py)
+            qkv = [TensorSpec(a + name, f"{t}attention.{ours}", *rest)
+                   for name, ours, *rest in mla_tensors(args, plan)]
+        specs += [
+            TensorSpec(p + "input_layernorm.weight", t + "attention_norm.weight", (h,)),
+            TensorSpec(p + "post_attention_layernorm.weight", t + "ffn_norm.weight", (h,)),
+            *qkv,
             TensorSpec(a + "o_proj.weight", t + "attention.wo", (h, args.q_dim), 1, plan.o_cols),
         ]
         if i in args.moe_layers:
             specs += _moe_specs(args, plan, i, t)
+            if args.model_type == "deepseek_v3":  # the router's bias, the shared experts
+                specs += [TensorSpec(m + name, f"{t}feed_forward.{ours}", *rest)
+                          for name, ours, *rest in deepseek_moe_tensors(args, plan)]
         else:
             specs += [
                 TensorSpec(m + "gate_proj.weight", t + "feed_forward.w1.weight", (i_sz, h), 0,
@@ -94,7 +107,7 @@ def tensor_specs(args: ModelArgs, plan: TPPlan, layers: range | None = None) -> 
                 TensorSpec(m + "down_proj.weight", t + "feed_forward.w2.weight", (h, i_sz), 1,
                            plan.ffn),
             ]
-        if args.qkv_bias:
+        if args.qkv_bias and not args.is_mla:
             specs += [
                 TensorSpec(a + "q_proj.bias", t + "attention.wq.bias", (args.q_dim,), 0, q_rows),
                 TensorSpec(a + "k_proj.bias", t + "attention.wk.bias", (args.n_kv_heads * hd,), 0,
@@ -129,7 +142,8 @@ def _moe_specs(args: ModelArgs, plan: TPPlan, i: int, target: str) -> list[Tenso
     block, gate, up, down = MOE_TENSOR_NAMES[args.model_type]
     p, t = f"model.layers.{i}.{block}.", f"{target}feed_forward."
     h, inner, cols = args.dim, args.moe_intermediate_size, plan.expert_ffn
-    specs = [TensorSpec(p + "gate.weight", t + "gate.weight", (args.n_experts, h))]
+    fp32 = torch.float32 if args.model_type == "deepseek_v3" else None  # as transformers keeps it
+    specs = [TensorSpec(p + "gate.weight", t + "gate.weight", (args.n_experts, h), dtype=fp32)]
     for e in range(*plan.experts):
         src, dst = f"{p}experts.{e}.", f"{t}experts.{e - plan.experts[0]}."
         specs += [TensorSpec(f"{src}{gate}.weight", dst + "w1.weight", (inner, h), 0, cols),
@@ -295,7 +309,7 @@ def load_weights(
                     width = plan.o_cols[1] - plan.o_cols[0]
                     o_weights[layer] = torch.empty(args.dim, width, dtype=dtype, device="meta")
                     continue  # a non-owner never reads this layer
-                t = _read(handle, spec).to(device=device, dtype=dtype).contiguous()
+                t = _read(handle, spec).to(device=device, dtype=spec.dtype or dtype).contiguous()
                 report.names.append(spec.name)
                 report.bytes_read += t.nbytes
                 if series is not None and layer is not None:

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 MOE_TENSOR_NAMES = {
     "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
     "mixtral": ("block_sparse_moe", "w1", "w3", "w2"),
+    "deepseek_v3": ("mlp", "gate_proj", "up_proj", "down_proj"),
 }
 """model_type -> (MoE block name in the checkpoint, expert gate, up and down projection names)."""
 

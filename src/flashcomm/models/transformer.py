@@ -33,6 +33,7 @@ from flashcomm.config import AUTO, ConfigError, FlashCommConfig
 from flashcomm.gathered import GatheredSeries
 from flashcomm.groups import GroupHandle, ParallelGroups
 from flashcomm.models.args import CheckpointError, ModelArgs, rope_inv_freq
+from flashcomm.models.deepseek_moe import DeepSeekMoE
 from flashcomm.models.moe import MoEFeedForward, expert_split
 from flashcomm.models.step import KVCache, Step
 from flashcomm.sharding import ShardedSeries
@@ -256,9 +257,14 @@ class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs, plan: TPPlan, layer_idx: int, sharded_o: bool,
                  cache_idx: int | None = None) -> None:
         super().__init__()
-        self.attention = Attention(args, plan, layer_idx, sharded_o, cache_idx)
-        moe = layer_idx in args.moe_layers
-        self.feed_forward = MoEFeedForward(args, plan) if moe else FeedForward(args, plan)
+        if args.is_mla:  # DeepSeek's latent attention builds on Attention's o_proj path
+            from flashcomm.models.mla import MLAAttention
+            self.attention = MLAAttention(args, plan, layer_idx, sharded_o, cache_idx)
+        else:
+            self.attention = Attention(args, plan, layer_idx, sharded_o, cache_idx)
+        moe = DeepSeekMoE if args.model_type == "deepseek_v3" else MoEFeedForward
+        is_moe = layer_idx in args.moe_layers
+        self.feed_forward = moe(args, plan) if is_moe else FeedForward(args, plan)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
@@ -358,15 +364,20 @@ class Transformer(nn.Module):
         kv heads and this stage's layers, in the weights' dtype and device."""
         w = self.anchor
         shape = (batch, max_len, self.plan.n_kv, self.args.head_dim)
+        k_shape, v_shape = shape, shape
+        if self.args.is_mla:  # the latent [B, S, kv_lora] and the rope key [B, S, rope] (mla.py)
+            k_shape = (batch, max_len, self.args.kv_lora_rank)
+            v_shape = (batch, max_len, self.args.qk_rope_head_dim)
         n = len(self.layers)  # this stage's layers only
-        return KVCache([torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(n)],
-                       [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(n)])
+        return KVCache([torch.zeros(k_shape, dtype=w.dtype, device=w.device) for _ in range(n)],
+                       [torch.zeros(v_shape, dtype=w.dtype, device=w.device) for _ in range(n)])
 
     def init_buffers(self, device: torch.device) -> None:
         """Move the non-weight index tensors (RoPE frequencies, kv head map) to `device`."""
         self.inv_freq = self.inv_freq.to(device)
         for layer in self.layers:
-            layer.attention.kv_index = layer.attention.kv_index.to(device)
+            if isinstance(layer.attention, Attention):  # MLA has no kv head map
+                layer.attention.kv_index = layer.attention.kv_index.to(device)
 
     def o_proj_bytes(self) -> int:
         """Resident o_proj weight bytes on this rank (the series' ring included)."""

@@ -151,6 +151,13 @@ class Shape:
     """Key/value heads of the whole model (FLOPs only)."""
     intermediate: int = 0
     """MLP inner size (FLOPs only)."""
+    weight_bytes: int = 0
+    """Bytes per W_o element fetched by O-Shard (1 for int8 weights); 0: elt_bytes."""
+
+    @property
+    def w_elt(self) -> int:
+        """Bytes per weight element (weight_bytes, or elt_bytes when not given)."""
+        return self.weight_bytes or self.elt_bytes
 
 
 class Call(NamedTuple):
@@ -281,9 +288,9 @@ def fetch_call(s: Strategy, shape: Shape) -> Call | None:
         return None
     n, odp = shape.tp, shape.tp // s.otp
     if s.shard_source == ShardSource.GATHER:
-        nbytes = (odp - 1) * shape.hidden * (shape.q_dim // n) * shape.elt_bytes
+        nbytes = (odp - 1) * shape.hidden * (shape.q_dim // n) * shape.w_elt
         return Call("all_gather", odp, (("fetch", nbytes),))
-    w_bytes = shape.hidden * shape.q_dim // s.otp * shape.elt_bytes
+    w_bytes = shape.hidden * shape.q_dim // s.otp * shape.w_elt
     return Call("broadcast", odp, (("fetch", w_bytes),))
 
 
@@ -324,7 +331,7 @@ def fetch_bytes_per_step(s: Strategy, shape: Shape, tokens: int,
     if not calls:
         return 0.0
     g = calls[0].group
-    w = shape.hidden * shape.q_dim // s.otp * shape.elt_bytes
+    w = shape.hidden * shape.q_dim // s.otp * shape.w_elt
     return len(calls) * (g - 1) * w / g
 
 

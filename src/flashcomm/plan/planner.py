@@ -75,11 +75,9 @@ def weight_bytes_per_rank(m: ModelArgs, tp: int, s: Strategy, elt: int) -> tuple
             o_total = L * o_layer // group + (s.oshard_k + 1) * o_layer
         else:  # owned layers + the ring
             o_total = (math.ceil(L / group) + s.oshard_k + 1) * o_layer
-    kv_heads = max(1, m.n_kv_heads // tp)
-    qkv = h * (d // tp + 2 * kv_heads * m.head_dim)
     embed = m.vocab_size * h * (1 if m.tie_word_embeddings else 2)
-    norms = 2 * h + (2 * m.head_dim if m.qk_norm else 0)  # per layer (Qwen3: q/k norms too)
-    other = (L * (qkv + norms) + m.mlp_weights(tp) + embed + h) * elt  # MoE: experts + router
+    attn = m.attn_weights(tp) + 2 * h  # per layer: q/k/v (MLA: its projections), both norms
+    other = (L * attn + m.mlp_weights(tp) + embed + h) * elt  # MoE: experts + router
     return o_total, o_total + other
 
 
@@ -87,9 +85,12 @@ def make_plan(
     m: ModelArgs, tp: int, profile: HardwareProfile, *, otps: list[int] | None = None,
     prefill_tokens: int = 4096, decode_batch: int = 16, elt: int = 2,
     memory_budget_bytes: float | None = None, decode_steps: int = 256,
+    weight_elt: int | None = None,
 ) -> dict:
     """Predictions per strategy, a recommendation, and one per deployment (prefill-only,
-    decode-only, mixed: a prefill then `decode_steps` decode steps), as one JSON-ready dict."""
+    decode-only, mixed: a prefill then `decode_steps` decode steps), as one JSON-ready dict.
+    `elt`: bytes per activation element; `weight_elt`: per weight element (memory and W_o
+    fetches; 1 for int8 weights), None: elt."""
     if tp < 2:
         raise ConfigError(f"tp={tp}: planning compares TP strategies, so tp must be >= 2")
     valid = divisors_below(tp)
@@ -97,13 +98,14 @@ def make_plan(
     for o in otps:
         if o not in valid:
             raise ConfigError(f"otp={o}: must divide tp={tp} and be below it (allowed: {valid})")
-    shape = model_shape(m, tp, elt)
+    w_elt = elt if weight_elt is None else weight_elt
+    shape = replace(model_shape(m, tp, elt), weight_bytes=w_elt)
     rows, options = [], []
     sources = (ShardSource.OWNER, ShardSource.GATHER)
     cands = candidates(tp, m.n_layers, otps, sources=sources)
     cands += [replace(s, attn_out=AttnOut.AUTO) for s in cands if s.oshard_k is not None]
     for s in cands:
-        o_bytes, w_bytes = weight_bytes_per_rank(m, tp, s, elt)
+        o_bytes, w_bytes = weight_bytes_per_rank(m, tp, s, w_elt)
         cross = crossover_tokens(profile, shape, s.fixed(), s.baseline()) if s.flashcomm2 \
             else None
         o = Option.evaluate(profile, s, shape, o_bytes, w_bytes, prefill_tokens, decode_batch)
@@ -120,7 +122,7 @@ def make_plan(
         "model": {"model_type": m.model_type, "layers": m.n_layers, "hidden": m.dim,
                   "q_dim": m.q_dim, "experts": m.n_experts, "moe_layers": len(m.moe_layers)},
         "tp": tp, "profile": profile.name, "prefill_tokens": prefill_tokens,
-        "decode_batch": decode_batch, "elt_bytes": elt,
+        "decode_batch": decode_batch, "elt_bytes": elt, "weight_elt_bytes": w_elt,
         "memory_budget_bytes": memory_budget_bytes,
         "strategies": [r.__dict__ for r in rows],
         "recommendation": _recommend(best, decode_batch),

@@ -85,6 +85,9 @@ class VllmFlashComm:
     """[H, D/otp] of one o_proj weight (set by the first register())."""
     dtype: torch.dtype = torch.float32
     """The o_proj weight's (and activations') dtype."""
+    qkv_prefetch: set[int] = field(default_factory=set)
+    """Layers whose QKVParallelLinear issues the o_proj prefetch; any other layer's o_proj op
+    issues its own (DeepSeek's MLA has no QKVParallelLinear)."""
     registered: dict[int, int] = field(default_factory=dict)
     """o_proj layer index -> bytes of its (full or otp-slice) weight, as constructed."""
     loaded: set[int] = field(default_factory=set)

@@ -116,6 +116,8 @@ class FlashCommRowParallelLinear(RowParallelLinear):
         by the row-parallel product on this rank's columns plus vLLM's all-reduce."""
         ctx, idx = self.ctx, self.flashcomm_layer
         full = ctx.step_takes_flashcomm2(x.shape[0], idx)
+        if idx not in ctx.qkv_prefetch:  # no QKVParallelLinear starts it (MLA): fetch here,
+            ctx.weights.prefetch(idx, full)  # behind the k layers already in flight
         weight = ctx.weights.wait(idx, full)  # [H, D/otp] if full else [H, D/N]
         bias = None if self.skip_bias_add else self.bias
         if not full:
@@ -145,6 +147,8 @@ class FlashCommQKVParallelLinear(QKVParallelLinear):
         super().__init__(*args, **kwargs)
         ctx = VllmFlashComm.of(get_current_vllm_config())
         self.flashcomm_layer = ctx.qkv_index(self.prefix)
+        if self.flashcomm_layer is not None:
+            ctx.qkv_prefetch.add(self.flashcomm_layer)
         # the o_proj of the same attention block, as it registers itself (see ctx.register)
         self.o_proj_name = self.prefix.rsplit(".", 1)[0] + ".o_proj"
 

@@ -13,8 +13,11 @@ from flashcomm.models.args import ModelArgs
 from flashcomm.plan.costmodel import (
     HardwareProfile,
     Shape,
+    comm_time,
+    crossover_tokens,
     exposed_fetch_s,
     fetch_bytes_per_step,
+    layer_calls,
     step_fetches,
 )
 from flashcomm.plan.deploy import DEPLOYMENTS
@@ -53,6 +56,24 @@ def test_fetch_traffic_per_step_and_phase_by_source(otp: int) -> None:
     assert exposed_fetch_s(slow, owner, SHAPE, 16, threshold=64) > 0.0  # one token's window
 
 
+def test_gather_crossover_counts_the_fetch_compute_does_not_hide() -> None:
+    shape = Shape(hidden=8192, q_dim=8192, tp=8, elt_bytes=2, layers=80, head_dim=128,
+                  kv_heads=8, intermediate=28672)
+    prof = HardwareProfile.load("h100-nvlink")
+    plain = crossover_tokens(prof, shape, Strategy("flashcomm2", 1), Strategy())
+    owner = Strategy("flashcomm2", 1, oshard_k=1)
+    assert crossover_tokens(prof, shape, owner, Strategy()) == plain
+    for k in (0, 1, 2):
+        g = Strategy("flashcomm2", 1, oshard_k=k, shard_source="gather")
+        t = crossover_tokens(prof, shape, g, Strategy())
+        assert t is not None and t > plain
+        # at the threshold FlashComm2's comm + exposed fetch beats the all-reduce, just below not
+        for tokens, wins in ((t, True), (t - 1, False)):
+            fc2 = comm_time(prof, layer_calls(g, shape, tokens))
+            fc2 += exposed_fetch_s(prof, g, shape, tokens) / 80
+            assert (fc2 < comm_time(prof, layer_calls(Strategy(), shape, tokens))) == wins
+
+
 def test_plan_rows_report_fetch_per_phase_and_whether_it_is_hidden() -> None:
     m = ModelArgs.from_hf_config(LLAMA70B)
     plan = make_plan(m, 8, HardwareProfile.load("h100-nvlink"), otps=[1])
@@ -62,7 +83,10 @@ def test_plan_rows_report_fetch_per_phase_and_whether_it_is_hidden() -> None:
     cross = rows["auto"]["crossover_tokens"]
     assert plan["decode_batch"] < cross < plan["prefill_tokens"]
     gather, owner = rows["auto+gather(k=1)"], rows["auto+oshard(k=1)"]
-    assert gather["threshold"] == owner["threshold"] == cross
+    # owner: the ring turns on both paths, so the crossover is FlashComm2's; gather: only
+    # FlashComm2 steps fetch, so its exposed fetch moves the threshold up to where k=1 hides it
+    assert owner["threshold"] == cross < gather["threshold"] < plan["prefill_tokens"]
+    assert gather["threshold"] == gather["crossover_tokens"]
     assert gather["prefill_fetch_bytes"] == owner["prefill_fetch_bytes"] == fetch
     assert (gather["decode_fetch_bytes"], gather["decode_fetch_hidden"]) == (0, None)
     assert owner["decode_fetch_bytes"] == fetch and owner["decode_fetch_hidden"] is False

@@ -139,13 +139,16 @@ def e2e_rank(rank: int, world: int, model_dir: str, opts: dict) -> dict:
     fit_s = time.perf_counter() - t_start
     threshold = auto_min_tokens(args.dim, args.q_dim, Strategy(AttnOut.AUTO).to_config(world),
                                 profile, elt)
+    # per auto row, as `flashcomm run` resolves it: the gather source's counts its exposed fetch
+    thresholds = {row: auto_min_tokens(args.dim, args.q_dim, row.to_config(world), profile, elt)
+                  for row in rows if row.attn_out == AttnOut.AUTO}
 
     # (2) one model per strategy; auto's threshold is resolved before its model is built
     models = {}
     for row in rows:
         cfg = row.to_config(world)
         if row.attn_out == AttnOut.AUTO:
-            cfg = replace(cfg, flashcomm2_min_tokens=threshold)
+            cfg = replace(cfg, flashcomm2_min_tokens=thresholds[row])
         groups = ParallelGroups.from_config(cfg, world)
         models[row], _ = load_model(model_dir, cfg, groups, progress=False, counter=CommCounter())
     any_model = models[rows[0]]
@@ -197,7 +200,7 @@ def e2e_rank(rank: int, world: int, model_dir: str, opts: dict) -> dict:
                  case_reps, lat, wait)
 
     # (4) communication alone: each distinct path's collectives, interleaved the same way
-    paths = [[row.path(size, threshold) for _, size in grid] for row in rows]
+    paths = [[row.path(size, thresholds.get(row)) for _, size in grid] for row in rows]
     patterns = list(dict.fromkeys(p for ps in paths for p in ps))
     groups_of = {p: models[rows[ri]].ctx.groups for ri, ps in enumerate(paths) for p in ps}
     replays = [[step_replay(groups_of[p], p, args.dim, args.q_dim, size, args.n_layers)
@@ -231,6 +234,7 @@ def e2e_rank(rank: int, world: int, model_dir: str, opts: dict) -> dict:
                   for k, s in grid],
         "strategies": [{
             "name": row.label, "config": row.to_config(world).to_dict(),
+            "auto_threshold": thresholds.get(row),
             "steps": [{
                 "latency_s": samples(lat[ri, ci]),
                 "blocked_wait_s": wait[ri, ci, :case_reps[ci]].tolist(),

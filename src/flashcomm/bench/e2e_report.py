@@ -66,7 +66,7 @@ def summarize(raw: dict) -> dict:
             st["median_s"], st["min_s"], st["max_s"] = statistics.median(lat), min(lat), max(lat)
             st["blocked_wait_median_s"] = statistics.median(st["blocked_wait_s"])
             st["bytes_total"] = sum(st["bytes_sent"].values())
-            path = strategy.path(t, raw["auto_threshold"])
+            path = strategy.path(t, s.get("auto_threshold", raw["auto_threshold"]))
             if s["auto"]:
                 st["auto_path"] = "flashcomm2" if path.flashcomm2 else "allreduce"
             st["measured_comm_s"] = replay[st["comm_pattern"]][ci]
@@ -74,7 +74,8 @@ def summarize(raw: dict) -> dict:
             st["predicted_bytes"] = counted_bytes(calls)  # tests: == bytes_sent
             st["predicted_comm_s"] = comm_time(profile, calls)
             st["predicted_exposed_broadcast_s"] = exposed_fetch_s(profile, strategy, shape, t,
-                                                                  raw["auto_threshold"])
+                                                                  s.get("auto_threshold",
+                                                                        raw["auto_threshold"]))
     base = by[BASE]["steps"]
     for s in raw["strategies"]:
         for ci, st in enumerate(s["steps"]):
@@ -197,10 +198,13 @@ def format_report(res: dict) -> str:
                  f"{st['predicted_delta_s'] * 1e3:+.1f}/{st['measured_delta_s'] * 1e3:+.1f}"
                  for st in s["steps"]]
         lines.append(f"{s['name']:<18} " + " ".join(f"{c:>24}" for c in cells))
-    if any("auto_path" in st for s in res["strategies"] for st in s["steps"]):
-        auto = next(s for s in res["strategies"] if s["auto"])
-        lines.append(f"{'auto path':<18} " + " ".join(f"{st['auto_path']:>24}"
-                                                      for st in auto["steps"]))
+    autos = [s for s in res["strategies"] if s["auto"]]
+    if autos:
+        lines += ["", "path of the auto rows per step (threshold T; None = never)"]
+    for auto in autos:
+        lines.append(f"{auto['name']:<18} " + " ".join(
+            f"{st['auto_path']:>24}" for st in auto["steps"])
+            + f"   (T >= {auto.get('auto_threshold', res['auto_threshold'])})")
     lines += ["", "memory per rank MiB (max over ranks): o_proj + ring | other weights | KV cache"]
     for s in res["strategies"]:
         mem = [r[s["name"]] for r in res["memory_per_rank"]]

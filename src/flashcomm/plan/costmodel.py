@@ -146,11 +146,12 @@ class Shape:
     layers: int = 1
     """L, decoder layers in a step."""
     head_dim: int = 0
-    """Per-head width (FLOPs only)."""
+    """Per-head width. This and the next two set the FLOPs of the compute window that hides a
+    layer-sharded W_o fetch (layer_flops); traffic does not use them."""
     kv_heads: int = 0
-    """Key/value heads of the whole model (FLOPs only)."""
+    """Key/value heads of the whole model."""
     intermediate: int = 0
-    """MLP inner size (FLOPs only)."""
+    """MLP inner size."""
     weight_bytes: int = 0
     """Bytes per W_o element fetched by O-Shard (1 for int8 weights); 0: elt_bytes."""
 

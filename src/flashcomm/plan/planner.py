@@ -15,8 +15,6 @@ from flashcomm.plan.costmodel import HardwareProfile, Shape, crossover_tokens
 from flashcomm.plan.deploy import Option, recommend_deployments
 from flashcomm.plan.strategy import Strategy, candidates
 
-GIB = 1 << 30
-
 
 @dataclass(frozen=True)
 class PlanRow:
@@ -51,6 +49,10 @@ class PlanRow:
     """Whether the decode step's W_o fetch fits in its compute window (None: no fetch)."""
     decode_exposed_s: float = 0.0
     """Predicted W_o fetch time not hidden by compute, per decode step (all layers)."""
+
+
+GIB = 1 << 30
+"""Bytes per GiB (--memory-budget is in GiB)."""
 
 
 def model_shape(m: ModelArgs, tp: int, elt: int) -> Shape:

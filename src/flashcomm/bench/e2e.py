@@ -35,6 +35,7 @@ from flashcomm.models.random_checkpoint import (
     moe_demo_checkpoint,
     small_llama_config,
 )
+from flashcomm.plan.auto import FIT, auto_min_tokens, load_profile
 from flashcomm.plan.strategy import Strategy
 
 MODEL_SIZES = {
@@ -119,7 +120,6 @@ def e2e_rank(rank: int, world: int, model_dir: str, opts: dict) -> dict:
     from flashcomm.groups import ParallelGroups
     from flashcomm.layout import ParallelLayout
     from flashcomm.models.loader import checkpoint_dtype, load_model
-    from flashcomm.plan.auto import auto_min_tokens
     from flashcomm.plan.fit import fit_profile
     from flashcomm.plan.planner import model_shape
 
@@ -131,11 +131,16 @@ def e2e_rank(rank: int, world: int, model_dir: str, opts: dict) -> dict:
     t_start = time.perf_counter()
     elt = checkpoint_dtype(model_dir).itemsize
 
-    # (1) the profile, fitted in this group on every group size the strategies use
-    fit_groups = ParallelGroups.build(
-        ParallelLayout(tp=world, otp=2 if world > 2 and world % 2 == 0 else 1), shard_weights=())
-    profile = fit_profile(fit_groups, width=args.dim,
-                          rows=tuple(sorted({1, 16, 256, 1024, 4096} | {t for _, t in grid})))
+    # (1) the profile, fitted in this group on every group size the strategies use (or given:
+    # --profile, e.g. a quiet machine's fit, when load makes a fit here unreliable)
+    if opts.get("profile", FIT) == FIT:
+        fit_groups = ParallelGroups.build(
+            ParallelLayout(tp=world, otp=2 if world > 2 and world % 2 == 0 else 1),
+            shard_weights=())
+        profile = fit_profile(fit_groups, width=args.dim,
+                              rows=tuple(sorted({1, 16, 256, 1024, 4096} | {t for _, t in grid})))
+    else:
+        profile = load_profile(opts["profile"])
     fit_s = time.perf_counter() - t_start
     threshold = auto_min_tokens(args.dim, args.q_dim, Strategy(AttnOut.AUTO).to_config(world),
                                 profile, elt)
@@ -270,6 +275,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens already in the cache at a decode step")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per step")
     parser.add_argument("--strategies", help="comma-separated subset (allreduce always runs)")
+    parser.add_argument("--profile", default="fit",
+                        help="collective costs for auto's thresholds and the predictions: 'fit' "
+                        "(measured in the run), a shipped profile or a profile JSON file")
     parser.add_argument("--out", default="results/e2e", help="output directory")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds for the group")
 
@@ -303,7 +311,10 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"strategies={unknown}: not strategies of this run; allowed: {known}")
     opts = {"prefill": args.prefill_tokens, "decode": args.decode_batch,
             "decode_context": args.decode_context, "repeats": args.repeats,
-            "strategies": args.strategies.split(",") if args.strategies else None}
+            "strategies": args.strategies.split(",") if args.strategies else None,
+            "profile": args.profile}
+    if args.profile != FIT:
+        load_profile(args.profile)  # a bad --profile fails here, before any rank starts
     t0 = time.monotonic()
     per_rank = run_local(e2e_rank, args.nproc, str(path), opts, backend=default_backend(),
                          timeout_s=args.timeout, group_timeout_s=300)

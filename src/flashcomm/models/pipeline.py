@@ -113,7 +113,8 @@ def share_tokens(nxt: Tensor | None, batch: int, groups: ParallelGroups | None,
     """The next token ids [B] on every rank: the last stage's `nxt`, broadcast over the PP
     group (the others pass None)."""
     if groups is None or groups.pp.group is None:
-        assert nxt is not None, "a single stage computes its own next tokens"
+        if nxt is None:
+            raise RuntimeError("share_tokens: a single stage must pass its own next tokens")
         return nxt
     pp = groups.pp
     if nxt is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,33 @@ def prefill_logits(engine, prompts: list[list[int]]) -> torch.Tensor:
     cache = m.allocate_cache(len(prompts), 16)
     with torch.no_grad():
         return m(torch.tensor([t for p in prompts for t in p]), step, cache)
+
+
+def per_strategy(cfgs: dict, ckpts: dict[str, str], world: int,
+                 report: Callable[..., dict]) -> dict:
+    """On one spawned rank: every checkpoint loaded under every strategy (one set of groups per
+    strategy); {(strategy name, checkpoint name): report(engine)}."""
+    from flashcomm.groups import ParallelGroups
+    from flashcomm.models.engine import Engine
+
+    out = {}
+    for name, cfg in cfgs.items():
+        groups = ParallelGroups.from_config(cfg, world)
+        for ck, path in ckpts.items():
+            out[name, ck] = report(Engine.from_checkpoint(path, cfg, groups, progress=False))
+    return out
+
+
+def _per_strategy_rank(rank: int, world: int, strategies: Callable[[int], dict],
+                       ckpts: dict[str, str], report: Callable[..., dict]) -> dict:
+    return per_strategy(strategies(world), ckpts, world, report)
+
+
+def run_per_strategy(strategies: Callable[[int], dict], report: Callable[..., dict],
+                     ckpts: dict[str, Path], n: int, timeout_s: float) -> list[dict]:
+    """Spawn n gloo ranks; rank r's per_strategy(strategies(n), ckpts, n, report) at index r."""
+    from flashcomm.launch import run_local
+
+    paths = {ck: str(p) for ck, p in ckpts.items()}
+    return run_local(_per_strategy_rank, n, strategies, paths, report, timeout_s=timeout_s,
+                     group_timeout_s=120)

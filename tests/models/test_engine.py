@@ -11,10 +11,9 @@ import math
 
 import pytest
 import torch
-from conftest import PROMPTS, prefill_logits
+from conftest import PROMPTS, prefill_logits, run_per_strategy
 
 from flashcomm.config import FlashCommConfig
-from flashcomm.groups import ParallelGroups
 from flashcomm.layout import ParallelLayout
 from flashcomm.models.engine import Engine
 from flashcomm.models.transformer import ModelArgs
@@ -45,18 +44,11 @@ def strategies(n: int) -> dict[str, FlashCommConfig]:
     return {f"{Strategy.from_config(c).label} tp={c.tp} dp={c.dp}": c for c in cfgs}
 
 
-def _strategies_worker(rank: int, world: int, ckpts: dict[str, str]) -> dict:
-    out = {}
-    for name, cfg in strategies(world).items():
-        groups = ParallelGroups.from_config(cfg, world)
-        for ck, path in ckpts.items():
-            engine = Engine.from_checkpoint(path, cfg, groups, progress=False)
-            logits = prefill_logits(engine, PROMPTS)
-            res = engine.generate(PROMPTS, NEW_TOKENS)
-            out[name, ck] = {"logits": logits, "tokens": res.tokens,
-                             "o_proj_bytes": res.o_proj_bytes, "comm": res.comm_bytes_by_op,
-                             "read": engine.load_report.names}
-    return out
+def _report(engine: Engine) -> dict:
+    logits = prefill_logits(engine, PROMPTS)
+    res = engine.generate(PROMPTS, NEW_TOKENS)
+    return {"logits": logits, "tokens": res.tokens, "o_proj_bytes": res.o_proj_bytes,
+            "comm": res.comm_bytes_by_op, "read": engine.load_report.names}
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +88,8 @@ def predicted_comm_bytes(cfg: FlashCommConfig, args: ModelArgs) -> dict[str, int
 
 @pytest.mark.parametrize("n", [2, 4])
 def test_every_strategy_matches_the_single_process_model(hf_checkpoints, references, n) -> None:
-    from flashcomm.launch import run_local
-
-    ckpts = {ck: str(hf_checkpoints[ck]) for ck in CKPTS}
-    per_rank = run_local(_strategies_worker, n, ckpts, timeout_s=400, group_timeout_s=120)
+    ckpts = {ck: hf_checkpoints[ck] for ck in CKPTS}
+    per_rank = run_per_strategy(strategies, _report, ckpts, n, timeout_s=400)
     for name, cfg in strategies(n).items():
         for ck in CKPTS:
             ref_logits, ref_tokens = references[ck]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROMPTS, prefill_logits
+from conftest import PROMPTS, prefill_logits, run_per_strategy
 
 from flashcomm.config import FlashCommConfig
 from flashcomm.models.args import CheckpointError, ModelArgs, rope_inv_freq
@@ -176,42 +176,23 @@ def test_single_process_matches_transformers(mla_checkpoints, hf_reference, name
 
 
 def strategies(n: int) -> dict[str, FlashCommConfig]:
-    """name -> knobs: the o_proj strategies, plus the gather source with expert parallelism."""
-    base = FlashCommConfig(tp=n)
-    fc2 = replace(base, flashcomm2_otp=1)
-    shard = ("o_proj",)
-    return {
-        "allreduce": base,
-        "fc2": fc2,
-        "fc2+fc1": replace(fc2, flashcomm1=True),
-        "fc2+oshard k1": replace(fc2, layer_sharding=shard, prefetch_step=1),
-        "ep+fc2+fc1+gather k1": replace(fc2, flashcomm1=True, expert_parallel=True,
-                                        layer_sharding=shard, prefetch_step=1,
-                                        shard_source="gather"),
-    }
+    """label -> knobs: the o_proj strategies, plus the gather source with expert parallelism."""
+    fc2 = Strategy("flashcomm2", 1)
+    rows = [Strategy(), fc2, replace(fc2, flashcomm1=True), replace(fc2, oshard_k=1),
+            replace(fc2, flashcomm1=True, oshard_k=1, shard_source="gather", expert_parallel=True)]
+    return {s.label: s.to_config(n) for s in rows}
 
 
-def _strategies_worker(rank: int, world: int, ckpts: dict[str, str]) -> dict:
-    from flashcomm.groups import ParallelGroups
-
-    out = {}
-    for name, cfg in strategies(world).items():
-        groups = ParallelGroups.from_config(cfg, world)
-        for ck, path in ckpts.items():
-            engine = Engine.from_checkpoint(path, cfg, groups, progress=False)
-            res = engine.generate(PROMPTS, NEW_TOKENS)
-            out[name, ck] = {"logits": prefill_logits(engine, PROMPTS), "tokens": res.tokens,
-                             "comm": res.comm_bytes_by_op, "weight_bytes": res.weight_bytes,
-                             "o_proj_bytes": res.o_proj_bytes, "kv": res.kv_cache_bytes}
-    return out
+def _report(engine: Engine) -> dict:
+    res = engine.generate(PROMPTS, NEW_TOKENS)
+    return {"logits": prefill_logits(engine, PROMPTS), "tokens": res.tokens,
+            "comm": res.comm_bytes_by_op, "weight_bytes": res.weight_bytes,
+            "o_proj_bytes": res.o_proj_bytes, "kv": res.kv_cache_bytes}
 
 
 @pytest.mark.parametrize("n", [2, 4])
 def test_every_strategy_matches_transformers(mla_checkpoints, hf_reference, n) -> None:
-    from flashcomm.launch import run_local
-
-    ckpts = {ck: str(p) for ck, p in mla_checkpoints.items()}
-    per_rank = run_local(_strategies_worker, n, ckpts, timeout_s=500, group_timeout_s=120)
+    per_rank = run_per_strategy(strategies, _report, mla_checkpoints, n, timeout_s=500)
     for name, cfg in strategies(n).items():
         s = Strategy.from_config(cfg)
         for ck in HF_MLA:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROMPTS, prefill_logits
+from conftest import PROMPTS, prefill_logits, run_per_strategy
 from safetensors.torch import load_file, save_file
 
 from flashcomm.config import ConfigError, FlashCommConfig
@@ -223,46 +223,24 @@ def test_single_process_matches_transformers(moe_checkpoints, hf_reference, name
 
 
 def strategies(n: int) -> dict[str, FlashCommConfig]:
-    """name -> knobs; TP experts and expert parallel, with and without FlashComm2 / FlashComm1."""
-    base = FlashCommConfig(tp=n)
-    fc2 = replace(base, flashcomm2_otp=1)
-    ep = replace(base, expert_parallel=True)
-    shard = ("o_proj",)
-    return {
-        "allreduce": base,
-        "fc2": fc2,
-        "fc2+fc1": replace(fc2, flashcomm1=True),
-        "fc2+oshard k1": replace(fc2, layer_sharding=shard, prefetch_step=1),
-        "ep": ep,
-        "ep+fc1": replace(ep, flashcomm1=True),
-        "ep+fc2": replace(ep, flashcomm2_otp=1),
-        "ep+fc2+fc1+oshard k1": replace(ep, flashcomm2_otp=1, flashcomm1=True,
-                                        layer_sharding=shard, prefetch_step=1),
-    }
+    """label -> knobs; TP experts and expert parallel, with and without FlashComm2 / FlashComm1."""
+    fc2 = Strategy("flashcomm2", 1)
+    rows = [Strategy(), fc2, replace(fc2, flashcomm1=True), replace(fc2, oshard_k=1)]
+    rows += [replace(s, expert_parallel=True) for s in (
+        Strategy(), Strategy(flashcomm1=True), fc2, replace(fc2, flashcomm1=True, oshard_k=1))]
+    return {s.label: s.to_config(n) for s in rows}
 
 
-def _strategies_worker(rank: int, world: int, ckpts: dict[str, str]) -> dict:
-    from flashcomm.groups import ParallelGroups
-
-    out = {}
-    for name, cfg in strategies(world).items():
-        groups = ParallelGroups.build(ParallelLayout.from_config(cfg, world), cfg.layer_sharding)
-        for ck, path in ckpts.items():
-            engine = Engine.from_checkpoint(path, cfg, groups, progress=False)
-            res = engine.generate(PROMPTS, NEW_TOKENS)
-            out[name, ck] = {"logits": prefill_logits(engine, PROMPTS), "tokens": res.tokens,
-                             "few": engine.generate(FEW, NEW_TOKENS).tokens,
-                             "comm": res.comm_bytes_by_op, "weight_bytes": res.weight_bytes,
-                             "read": engine.load_report.names}
-    return out
+def _report(engine: Engine) -> dict:
+    res = engine.generate(PROMPTS, NEW_TOKENS)
+    return {"logits": prefill_logits(engine, PROMPTS), "tokens": res.tokens,
+            "few": engine.generate(FEW, NEW_TOKENS).tokens, "comm": res.comm_bytes_by_op,
+            "weight_bytes": res.weight_bytes, "read": engine.load_report.names}
 
 
 @pytest.mark.parametrize("n", [2, 4])
 def test_every_strategy_matches_transformers(moe_checkpoints, hf_reference, n) -> None:
-    from flashcomm.launch import run_local
-
-    ckpts = {ck: str(p) for ck, p in moe_checkpoints.items()}
-    per_rank = run_local(_strategies_worker, n, ckpts, timeout_s=400, group_timeout_s=120)
+    per_rank = run_per_strategy(strategies, _report, moe_checkpoints, n, timeout_s=400)
     for name, cfg in strategies(n).items():
         for ck in HF_MOE:
             ref, args = hf_reference[ck], ModelArgs.from_dir(moe_checkpoints[ck])

@@ -29,7 +29,6 @@ FC2 = {"FLASHCOMM2_PARALLEL_SIZE": "1"}
 OSHARD = {**FC2, "FLASHCOMM_LAYER_SHARDING": "o_proj"}
 RUNS = {  # name -> (env, eager); in this order, in one cache root
     "stock": ({}, False),  # plugin installed (entry point), not enabled
-    "noplugin": ({"VLLM_PLUGINS": "none"}, False),  # vLLM without our plugin loaded at all
     "fc2": (FC2, False),  # every step FlashComm2 (threshold 0)
     "oshard_k0": ({**OSHARD, "FLASHCOMM_PREFETCH_STEP": "0"}, False),
     "oshard_k1_perstep": ({**OSHARD, "FLASHCOMM_PREFETCH_STEP": "1",
@@ -62,8 +61,8 @@ def _workers(res: dict) -> list[dict]:
 
 @pytest.mark.timeout(2000)
 def test_not_enabled_is_stock(runs):
-    stock, bare = _ok(runs["stock"]), _ok(runs["noplugin"])
-    assert stock["tokens"] == bare["tokens"]
+    """Installed but not enabled: vLLM's own classes (register() is inert, test_checks.py)."""
+    stock = _ok(runs["stock"])
     assert [len(t) for t in stock["tokens"]] == [MAX_TOKENS] * 4
     assert len({tuple(t) for t in stock["tokens"]}) == 4  # the prompts give different tokens
     for worker in stock["workers"]:

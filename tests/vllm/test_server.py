@@ -84,7 +84,8 @@ def serve_and_query(model: Path, env: dict[str, str], tmp: Path, name: str) -> d
 
     port, log = _free_port(), tmp / f"{name}.log"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHCOMM")}
-    full_env.update(env, VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_CACHE_ROOT=str(tmp / "cache"))
+    full_env.update(env, VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS="1",
+                    VLLM_CACHE_ROOT=str(tmp / "cache"))
     with open(log, "w") as f:
         proc = subprocess.Popen(_server_command(model, port), env=full_env, stdout=f,
                                 stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp)

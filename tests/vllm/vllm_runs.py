@@ -26,7 +26,7 @@ def run_instances(tmp: Path, model: Path, runs: dict[str, tuple[dict[str, str], 
         specs[name] = {"env": env, "eager": eager, "tp": tp, "timeout": timeout,
                        "max_tokens": max_tokens}
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}
     for var in FlashCommConfig.env_names():  # the parent's environment must not leak in
         env.pop(var, None)
     with open(log, "w") as f:

@@ -88,6 +88,7 @@ def _plot(table: dict[str, dict[int, float]], rows: list[int], path: Path) -> No
 if __name__ == "__main__":
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per worker: no OMP spin contention
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results/vllm_collectives")
     parser.add_argument("--model", help="checkpoint dir (default: a random 2-layer Llama)")

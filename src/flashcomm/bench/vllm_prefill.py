@@ -1,14 +1,15 @@
 """vLLM end to end: stock vLLM vs the flashcomm plugin, prefill and decode-heavy generate, one run.
 
 Needs the vLLM virtualenv (`make test-vllm` builds .venv-vllm). Every strategy is one LLM
-instance (TP=2 by default, fp32, vLLM's default compiled mode unless --eager) created in turn in
-this process; the plugin reads its FLASHCOMM* environment in the spawned workers. Each instance
-runs both workloads on the same prompts:
+instance (TP=2 by default, fp32, vLLM's default compiled mode unless --eager, its own compile
+cache root), and all of them stay alive in this process; the plugin reads its FLASHCOMM*
+environment in the spawned workers. Two workloads on the same prompts:
 - prefill: generate() with max_tokens=1 on --prompts prompts of --prompt-tokens tokens;
 - generate: --gen-prompts short prompts x --gen-tokens greedy tokens (decode-heavy).
-Each sample is the median of --rounds calls; strategies run forward then in reverse order after a
-throwaway instance, and the samples pool. Each strategy compiles into its own cache root, so its
-second instance loads its graph. JSON + PNG with ratios to stock go to --out.
+After one warm-up call each, --rounds rounds call every strategy once per workload, in an order
+that rotates per round; a ratio to stock is the median over rounds of (time / stock's time in the
+same round), so machine load that drifts between rounds cancels. Idle instances sleep (vLLM's
+workers stop polling after a short busy loop). JSON + PNG with the ratios go to --out.
 
     .venv-vllm/bin/python -m flashcomm.bench.vllm_prefill --out results/vllm_prefill
 """
@@ -16,6 +17,7 @@ second instance loads its graph. JSON + PNG with ratios to stock go to --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -75,21 +77,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", type=int, default=4, help="prompts per prefill batch")
     parser.add_argument("--gen-prompts", type=int, default=4, help="prompts of the generate run")
     parser.add_argument("--gen-tokens", type=int, default=32, help="greedy tokens per prompt")
-    parser.add_argument("--rounds", type=int, default=3, help="timed calls per sample")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timed rounds")
     parser.add_argument("--eager", action="store_true", help="enforce_eager (default: compiled)")
     parser.add_argument("--strategies", default=",".join(STRATEGIES),
                         help=f"comma-separated subset of {list(STRATEGIES)}")
-
-
-def _timed(llm: Any, prompts: list[str], params: Any, rounds: int) -> tuple[float, list]:
-    """Median seconds of `rounds` generate() calls (after one warm-up) and the first outputs."""
-    first = llm.generate(prompts, params, use_tqdm=False)
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        llm.generate(prompts, params, use_tqdm=False)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), first
 
 
 def _facts(worker: Any) -> dict[str, Any]:
@@ -100,31 +91,29 @@ def _facts(worker: Any) -> dict[str, Any]:
                                   "o_proj_fc2_calls", "resident_o_proj_bytes")}
 
 
-def _measure(model: str, env: dict[str, str], work: dict[str, list[str]], args: argparse.Namespace,
-             cache: Path) -> dict[str, Any]:
-    from vllm import SamplingParams
-
+def _start(stack: contextlib.ExitStack, model: str, env: dict[str, str], max_len: int,
+           max_seqs: int, args: argparse.Namespace, cache: Path) -> Any:
+    """One LLM instance, kept alive until `stack` closes (its own compile-cache root)."""
     from flashcomm.vllm import llm_with_env
 
-    max_len = max(len(p.split()) for p in work["prefill"]) + args.gen_tokens + 8
-    with llm_with_env({**env, "VLLM_CACHE_ROOT": str(cache)}, model=model,
-                      tensor_parallel_size=args.tp, dtype="float32", enforce_eager=args.eager,
-                      kv_cache_memory_bytes=512 << 20, max_model_len=max_len,
-                      max_num_batched_tokens=max_len * len(work["prefill"]),
-                      max_num_seqs=max(len(work["prefill"]), len(work["generate"])), seed=0,
-                      distributed_executor_backend="mp", enable_prefix_caching=False) as llm:
-        one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-        gen = SamplingParams(temperature=0.0, max_tokens=args.gen_tokens, ignore_eos=True)
-        prefill_s, first = _timed(llm, work["prefill"], one, args.rounds)
-        generate_s, outs = _timed(llm, work["generate"], gen, args.rounds)
-        facts = llm.collective_rpc(_facts)[0] if env else {}
-    return {"prefill_s": [prefill_s], "generate_s": [generate_s], "facts": facts,
-            "first_tokens": [o.outputs[0].token_ids[0] for o in first],
-            "generated": [list(o.outputs[0].token_ids) for o in outs]}
+    return stack.enter_context(llm_with_env(
+        {**env, "VLLM_CACHE_ROOT": str(cache)}, model=model, tensor_parallel_size=args.tp,
+        dtype="float32", enforce_eager=args.eager, kv_cache_memory_bytes=128 << 20,
+        max_model_len=max_len, max_num_batched_tokens=max_len * max_seqs, max_num_seqs=max_seqs,
+        seed=0, distributed_executor_backend="mp", enable_prefix_caching=False))
+
+
+def _call(llm: Any, prompts: list[str], params: Any) -> tuple[float, list]:
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    return time.perf_counter() - t0, outs
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run every strategy on the same prompts; write JSON + PNG with ratios to stock."""
+    """Every strategy's LLM alive at once; rounds interleave them (rotating order), so each
+    round's ratio to stock compares calls made under the same machine load."""
+    from vllm import SamplingParams
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = args.model or str(build_random_llama(
@@ -134,23 +123,39 @@ def main(args: argparse.Namespace) -> int:
                                  for j in range(args.prompt_tokens)) for p in range(args.prompts)],
             "generate": [" ".join(WORDS[(11 * p + 3 * j) % len(WORDS)] for j in range(8 + 4 * p))
                          for p in range(args.gen_prompts)]}
+    params = {"prefill": SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True),
+              "generate": SamplingParams(temperature=0.0, max_tokens=args.gen_tokens,
+                                         ignore_eos=True)}
     names = [s for s in args.strategies.split(",") if s]
-    # The first LLM instance of a process runs slower (measured ~1.4x), so one throwaway
-    # instance warms the process up; then forward and reverse order, samples pooled.
-    _measure(model, STRATEGIES[names[0]], work, args, out / "cache" / names[0])
-    results: dict[str, dict[str, Any]] = {}
-    for name in [*names, *reversed(names)]:
-        res = _measure(model, STRATEGIES[name], work, args, out / "cache" / name)
-        if name in results:
-            for key in ("prefill_s", "generate_s"):
-                res[key] = results[name][key] + res[key]
-        results[name] = res
+    max_len = args.prompt_tokens + args.gen_tokens + 8
+    max_seqs = max(args.prompts, args.gen_prompts)
+    results: dict[str, dict[str, Any]] = {n: {"prefill_s": [], "generate_s": []} for n in names}
+    with contextlib.ExitStack() as stack:
+        llms = {}
+        for n in names:
+            t0 = time.perf_counter()
+            llms[n] = _start(stack, model, STRATEGIES[n], max_len, max_seqs, args,
+                             out / "cache" / n)
+            results[n]["startup_s"] = time.perf_counter() - t0
+            for key in ("prefill", "generate"):  # warm-up; keep the tokens
+                results[n][f"{key}_tokens"] = [list(o.outputs[0].token_ids)
+                                               for o in _call(llms[n], work[key], params[key])[1]]
+        for r in range(args.rounds):
+            for i in range(len(names)):
+                n = names[(i + r) % len(names)]  # rotate who goes first
+                for key in ("prefill", "generate"):
+                    results[n][f"{key}_s"].append(_call(llms[n], work[key], params[key])[0])
+        for n in names:
+            results[n]["facts"] = llms[n].collective_rpc(_facts)[0] if STRATEGIES[n] else {}
     base = results.get("stock", results[names[0]])
     for res in results.values():
         for key in ("prefill", "generate"):
             res[f"{key}_median_s"] = statistics.median(res[f"{key}_s"])
-            res[f"{key}_ratio"] = res[f"{key}_median_s"] / statistics.median(base[f"{key}_s"])
-        res["same_tokens_as_stock"] = res["generated"] == base["generated"]
+            per_round = [t / b for t, b in zip(res[f"{key}_s"], base[f"{key}_s"], strict=True)]
+            res[f"{key}_ratio"] = statistics.median(per_round)  # median of paired ratios
+            res[f"{key}_ratio_range"] = [min(per_round), max(per_round)]
+        res["same_tokens_as_stock"] = all(res[f"{k}_tokens"] == base[f"{k}_tokens"]
+                                          for k in ("prefill", "generate"))
     report = {"args": vars(args), "model": model, "mode": "eager" if args.eager else "compiled",
               "prefill_tokens_per_batch": args.prompt_tokens * args.prompts, "results": results}
     (out / "vllm_prefill.json").write_text(json.dumps(report, indent=1))
@@ -158,8 +163,8 @@ def main(args: argparse.Namespace) -> int:
     for name, res in results.items():
         print(f"{name:14s} prefill {res['prefill_median_s'] * 1e3:8.1f} ms "
               f"({res['prefill_ratio']:.3f})  generate {res['generate_median_s'] * 1e3:8.1f} ms "
-              f"({res['generate_ratio']:.3f})"
-              f"  same tokens {res['same_tokens_as_stock']}  {res['facts']}")
+              f"({res['generate_ratio']:.3f})  same tokens {res['same_tokens_as_stock']}  "
+              f"{res['facts']}")
     return 0
 
 
@@ -184,6 +189,7 @@ def _plot(results: dict[str, Any], path: Path) -> None:
 if __name__ == "__main__":
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per worker: no OMP spin contention
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
     raise SystemExit(main(parser.parse_args()))

@@ -145,9 +145,8 @@ class VllmFlashComm:
                 raise RuntimeError(
                     f"flashcomm: vLLM's {name} group of rank {rank} is {list(theirs.ranks)}, our "
                     f"layout expects {layout.group_of(rank, mine)}; unsupported rank order")
-        shard = ("o_proj",) if "o_proj" in cfg.layer_sharding else ()
-        ctx.groups = ParallelGroups.build(layout, shard_weights=shard)
-        if shard:
+        ctx.groups = ParallelGroups.from_config(cfg, world)  # shard group for o_proj if sharded
+        if cfg.layer_sharding:
             ctx.series = ShardedSeries("o_proj", ctx.groups.shard["o_proj"], cfg.prefetch_step,
                                        layers=layers)
         logger.info("flashcomm: rank %d enabled %s, layers %d..%d", rank, cfg.to_dict(),

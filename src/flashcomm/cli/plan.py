@@ -87,7 +87,7 @@ def main(args: argparse.Namespace) -> int:
             "pp_layer_partition", args.pp_layer_partition or "")
         plan["stages"] = stage_plan(
             candidates(tp, m.n_layers, otps, sources=(ShardSource.OWNER, ShardSource.GATHER)),
-            tp, m.n_layers, m.dim, m.q_dim, args.dtype_bytes,
+            tp, m.n_layers, m.dim, m.q_dim, args.weight_bytes or args.dtype_bytes,
             parse_int("pp", args.pp), partition)
         text = None if args.json else "\n".join([text, "", *format_stage_plan(plan["stages"])])
     print(json.dumps(plan, indent=1) if args.json else text)

@@ -5,19 +5,19 @@ counters (resident bytes, fetches, bytes moved) follow the formulas, misuse fail
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
+from functools import partial
 
 import pytest
+import series_helpers as sh
 import torch
 import torch.distributed as dist
 
 from flashcomm.gathered import GatheredSeries
 from flashcomm.groups import GroupHandle, ParallelGroups
-from flashcomm.launch import RankFailure, run_local
+from flashcomm.launch import run_local
 from flashcomm.layout import ParallelLayout
 
-STARTS = (0, 3, 59)
 H, DN = 3, 2  # hidden size and D/N columns per rank: full W_o is [H, N*DN]
 SCHEDULE = "FRRFFRF"  # F: a FlashComm2 step (ring), R: a row-parallel step (resident slice)
 
@@ -33,19 +33,6 @@ def _post(w: torch.Tensor) -> torch.Tensor:
     return w * 0.5
 
 
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    view = torch.int16 if a.element_size() == 2 else torch.int32
-    return (a.shape == b.shape and a.dtype == b.dtype
-            and torch.equal(a.contiguous().view(view), b.contiguous().view(view)))
-
-
-def _handle(ranks: list[int]) -> GroupHandle | None:
-    """Collective over the world: every rank creates the group, members get a handle."""
-    pg = dist.new_group(ranks, timeout=timedelta(seconds=30)) if len(ranks) > 1 else None
-    me = dist.get_rank()
-    return GroupHandle(pg, tuple(ranks), ranks.index(me)) if me in ranks else None
-
-
 def _make(h: GroupHandle | dist.ProcessGroup | None, name: str, start: int, L: int, k: int,
           n: int, dtype: torch.dtype, sync: bool = False
           ) -> tuple[GatheredSeries, list[torch.Tensor]]:
@@ -54,14 +41,7 @@ def _make(h: GroupHandle | dist.ProcessGroup | None, name: str, start: int, L: i
     s = GatheredSeries(name, h, k, sync=sync, layers=range(start, start + L))
     for i in range(start, start + L):
         s.register(i, _full(i, n, dtype)[:, t * DN:(t + 1) * DN].clone())
-    seen: list[torch.Tensor] = []
-
-    def post(w: torch.Tensor) -> torch.Tensor:
-        seen.append(w.clone())
-        return _post(w)
-
-    s.finalize(post)
-    return s, seen
+    return s, sh.finalize_recording(s, _post)
 
 
 def _check_case(group: GroupHandle | dist.ProcessGroup | None, n: int, start: int, L: int,
@@ -83,7 +63,7 @@ def _check_case(group: GroupHandle | dist.ProcessGroup | None, n: int, start: in
             s.prefetch(i, full=full)
             w = s.wait(i, full=full)
             cols = slice(j * G * DN, (j + 1) * G * DN) if full else slice(t * DN, (t + 1) * DN)
-            if not _same_bits(w, _post(_full(i, n, dtype)[:, cols])):
+            if not sh.same_bits(w, _post(_full(i, n, dtype)[:, cols])):
                 bad.append(f"{tag}: step {p} ({kind}) wait({i}) returned other bits")
         fetch_counts.append(s.stats().fetches)
     st, slice_b = s.stats(), H * DN * torch.empty(0, dtype=dtype).element_size()
@@ -111,22 +91,7 @@ def _check_case(group: GroupHandle | dist.ProcessGroup | None, n: int, start: in
 
 def _sweep(h: GroupHandle | dist.ProcessGroup | None, n: int) -> tuple[int, list[str]]:
     """Every L in 2..5, start in STARTS and k in 0..L-2 on one gather group (any spelling)."""
-    count, bad = 0, []
-    for L in range(2, 6):
-        for start in STARTS:
-            for k in range(L - 1):
-                dtype = torch.bfloat16 if (L + k) % 3 == 0 else torch.float32
-                bad += _check_case(h, n, start, L, k, dtype, sync=(L + start + k) % 4 == 0)
-                count += 1
-    return count, bad
-
-
-def _error(fn) -> str:
-    try:
-        fn()
-    except (ValueError, RuntimeError) as e:
-        return f"{type(e).__name__}: {e}"
-    return "no error"
+    return sh.sweep(5, _check_case, h, n)
 
 
 def _misuse(h: GroupHandle, n: int) -> dict[str, str]:
@@ -134,35 +99,36 @@ def _misuse(h: GroupHandle, n: int) -> dict[str, str]:
     out: dict[str, str] = {}
     w = torch.zeros(H, DN)
     s = GatheredSeries("meta", h, 0)
-    out["meta"] = _error(lambda: s.register(0, torch.empty(H, DN, device="meta")))
+    out["meta"] = sh.error_of(lambda: s.register(0, torch.empty(H, DN, device="meta")))
     s.register(4, w)
-    out["duplicate"] = _error(lambda: s.register(4, w))
-    out["mtp"] = _error(lambda: GatheredSeries("mtp", h, 1, layers=range(3, 7)).register(7, w))
-    out["k"] = _error(lambda: GatheredSeries("k", h, 3, layers=range(0, 4)))
+    out["duplicate"] = sh.error_of(lambda: s.register(4, w))
+    mtp = GatheredSeries("mtp", h, 1, layers=range(3, 7))
+    out["mtp"] = sh.error_of(lambda: mtp.register(7, w))
+    out["k"] = sh.error_of(lambda: GatheredSeries("k", h, 3, layers=range(0, 4)))
     s = GatheredSeries("gap", h, 0)
     for i in (3, 4, 6):
         s.register(i, w)
-    out["gap"] = _error(s.finalize)
-    out["early"] = _error(lambda: s.prefetch(3))
+    out["gap"] = sh.error_of(s.finalize)
+    out["early"] = sh.error_of(lambda: s.prefetch(3))
 
     s, _ = _make(h, "order", 5, 4, 1, n, torch.float32)
     s.prefetch(5, full=True)
-    out["out_of_order"] = _error(lambda: s.wait(6))
-    out["double_prefetch"] = _error(lambda: s.prefetch(6))
-    out["kind_at_wait"] = _error(lambda: s.wait(5, full=False))
+    out["out_of_order"] = sh.error_of(lambda: s.wait(6))
+    out["double_prefetch"] = sh.error_of(lambda: s.prefetch(6))
+    out["kind_at_wait"] = sh.error_of(lambda: s.wait(5, full=False))
     s.wait(5)
-    out["mixed_step"] = _error(lambda: s.prefetch(6, full=False))
+    out["mixed_step"] = sh.error_of(lambda: s.prefetch(6, full=False))
     for i in (6, 7, 8):  # the rest of the FlashComm2 pass, then a row-parallel one is fine
         s.prefetch(i)
         s.wait(i)
     s.prefetch(5, full=False)
     out["recovered"] = str(s.wait(5, full=False).shape == (H, DN))
-    out["wait_before_prefetch"] = _error(lambda: s.wait(6, full=False))
+    out["wait_before_prefetch"] = sh.error_of(lambda: s.wait(6, full=False))
 
     s = GatheredSeries("plan", h, 0)  # ranks disagree on the start: caught before any gather
     for i in range(h.rank, h.rank + 3):
         s.register(i, w)
-    out["plan"] = _error(s.finalize)
+    out["plan"] = sh.error_of(s.finalize)
     return out
 
 
@@ -184,7 +150,7 @@ def _parallel_groups(rank: int, world: int) -> list[str]:
         for i in range(2, 5):
             s.prefetch(i)
             cols = slice(j * lay.odp * DN, (j + 1) * lay.odp * DN)
-            if not _same_bits(s.wait(i), _post(_full(i, n, torch.float32)[:, cols])):
+            if not sh.same_bits(s.wait(i), _post(_full(i, n, torch.float32)[:, cols])):
                 bad.append(f"{lay}: rank {rank} layer {i} wrong through ParallelGroups.fetch")
         if ParallelGroups.build(lay, shard_weights=()).fetch is not None:
             bad.append(f"{lay}: fetch built without a layer-sharded o_proj")
@@ -192,7 +158,7 @@ def _parallel_groups(rank: int, world: int) -> list[str]:
 
 
 def _world_worker(rank: int, world: int) -> dict[str, object]:
-    full = _handle(list(range(world)))
+    full = sh.new_handle(list(range(world)))
     assert full is not None
     sweeps = {f"N={world} otp=1": _sweep(full, world),
               f"N={world} otp=1, None = the world": _sweep(None, world)}
@@ -207,9 +173,7 @@ def _world_worker(rank: int, world: int) -> dict[str, object]:
 def test_gathered_series(world: int) -> None:
     results = run_local(_world_worker, world, timeout_s=300, group_timeout_s=60)
     for rank, res in enumerate(results):
-        for name, (count, bad) in res["sweeps"].items():
-            assert count == sum(L - 1 for L in range(2, 6)) * len(STARTS), name
-            assert not bad, f"rank {rank} {name}: {bad[:5]}"
+        sh.assert_sweeps_passed(res["sweeps"], rank, 5)
         assert not res["groups"], res["groups"]
         m = res["misuse"]
         assert "pass the real 2-D [H, D/N] tensor" in m["meta"], m["meta"]
@@ -245,19 +209,6 @@ def test_single_rank_group_keeps_every_layer() -> None:
         GatheredSeries("x", one, 1, layers=range(5, 7))
 
 
-def _skip_prefetch_on_rank0(rank: int, world: int) -> None:
-    h = GroupHandle(dist.group.WORLD, tuple(range(world)), rank)
-    s, _ = _make(h, "o_proj", 59, 5, 2, world, torch.float32)
-    for p in range(2):
-        for i in range(59, 64):
-            if not (rank == 0 and p == 1 and i == 61):
-                s.prefetch(i)
-            s.wait(i)
-
-
 def test_prefetch_skipped_on_one_rank_fails_within_group_timeout() -> None:
-    t0 = time.monotonic()
-    with pytest.raises(RankFailure) as info:
-        run_local(_skip_prefetch_on_rank0, 2, timeout_s=60, group_timeout_s=3)
-    assert time.monotonic() - t0 < 30
-    assert "wait(layer 61) before prefetch(layer 61)" in str(info.value)
+    sh.check_skipped_prefetch_fails_fast(
+        partial(_make, name="o_proj", start=59, L=5, k=2, n=2, dtype=torch.float32))

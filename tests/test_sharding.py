@@ -3,18 +3,18 @@ L, G, start and k, over three forward passes; memory, traffic and misuse are che
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
+from functools import partial
 
 import pytest
+import series_helpers as sh
 import torch
 import torch.distributed as dist
 
 from flashcomm.groups import GroupHandle
-from flashcomm.launch import RankFailure, run_local
+from flashcomm.launch import run_local
 from flashcomm.sharding import ShardedSeries, prefetch_target
 
-STARTS = (0, 3, 59)
 PASSES = 3
 
 
@@ -29,21 +29,6 @@ def _post(w: torch.Tensor) -> torch.Tensor:
     return (w.t() * 0.5).contiguous()
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32)
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(_bits(a), _bits(b))
-
-
-def _handle(ranks: list[int]) -> GroupHandle | None:
-    """Collective over the world: every rank creates the group, members get a handle."""
-    pg = dist.new_group(ranks, timeout=timedelta(seconds=30)) if len(ranks) > 1 else None
-    me = dist.get_rank()
-    return GroupHandle(pg, tuple(ranks), ranks.index(me)) if me in ranks else None
-
-
 def _make(handle: GroupHandle | dist.ProcessGroup | None, name: str, start: int, L: int, k: int,
           dtype: torch.dtype, sync: bool = False) -> tuple[ShardedSeries, list[torch.Tensor]]:
     """A finalized series over layers start..start+L-1 and the post_process inputs it saw."""
@@ -51,14 +36,7 @@ def _make(handle: GroupHandle | dist.ProcessGroup | None, name: str, start: int,
     for i in range(start, start + L):
         w = _weight(i, dtype)
         s.register(i, w if s.owns(i) else torch.empty_like(w, device="meta"))
-    seen: list[torch.Tensor] = []
-
-    def post(w: torch.Tensor) -> torch.Tensor:
-        seen.append(w.clone())
-        return _post(w)
-
-    s.finalize(post)
-    return s, seen
+    return s, sh.finalize_recording(s, _post)
 
 
 def _check_case(group: GroupHandle | dist.ProcessGroup | None, start: int, L: int, k: int,
@@ -69,14 +47,14 @@ def _check_case(group: GroupHandle | dist.ProcessGroup | None, start: int, L: in
     s, seen = _make(group, f"case{L}.{start}.{k}", start, L, k, dtype, sync)
     bad: list[str] = []
     layers = range(start, start + L)
-    if len(seen) != L or not all(_same_bits(x, _weight(i, dtype))
+    if len(seen) != L or not all(sh.same_bits(x, _weight(i, dtype))
                                  for x, i in zip(seen, layers, strict=False)):
         bad.append(f"{tag}: post_process saw {len(seen)} inputs, not the {L} real layers")
     for p in range(PASSES):
         for i in layers:
             s.prefetch(i)
             w = s.wait(i)
-            if not _same_bits(w, _post(_weight(i, dtype))):
+            if not sh.same_bits(w, _post(_weight(i, dtype))):
                 bad.append(f"{tag}: pass {p} wait({i}) returned other bits")
     st = s.stats()
     G, W = handle.size, st.layer_bytes
@@ -98,14 +76,7 @@ def _check_case(group: GroupHandle | dist.ProcessGroup | None, start: int, L: in
 
 def _sweep(handle: GroupHandle) -> tuple[int, list[str]]:
     """Every L in 2..9, start in STARTS and k in 0..L-2 on one group."""
-    n, bad = 0, []
-    for L in range(2, 10):
-        for start in STARTS:
-            for k in range(L - 1):
-                dtype = torch.bfloat16 if (L + k) % 3 == 0 else torch.float32
-                bad += _check_case(handle, start, L, k, dtype, sync=(L + start + k) % 4 == 0)
-                n += 1
-    return n, bad
+    return sh.sweep(9, _check_case, handle)
 
 
 def _two_series_at_once(full: GroupHandle, sub: GroupHandle | None) -> list[str]:
@@ -118,19 +89,11 @@ def _two_series_at_once(full: GroupHandle, sub: GroupHandle | None) -> list[str]
             a.prefetch(i)
             if b is not None:
                 b.prefetch(i)
-                if not _same_bits(b.wait(i), _post(_weight(i, torch.bfloat16))):
+                if not sh.same_bits(b.wait(i), _post(_weight(i, torch.bfloat16))):
                     bad.append(f"q_b_proj layer {i} wrong on rank {dist.get_rank()}")
-            if not _same_bits(a.wait(i), _post(_weight(i, torch.float32))):
+            if not sh.same_bits(a.wait(i), _post(_weight(i, torch.float32))):
                 bad.append(f"o_proj layer {i} wrong on rank {dist.get_rank()}")
     return bad
-
-
-def _error(fn) -> str:
-    try:
-        fn()
-    except (ValueError, RuntimeError) as e:
-        return f"{type(e).__name__}: {e}"
-    return "no error"
 
 
 def _misuse(h: GroupHandle) -> dict[str, str]:
@@ -143,34 +106,34 @@ def _misuse(h: GroupHandle) -> dict[str, str]:
 
     s = ShardedSeries("dup", h, 0)
     reg(s, 4)
-    out["duplicate"] = _error(lambda: reg(s, 4))
+    out["duplicate"] = sh.error_of(lambda: reg(s, 4))
     s = ShardedSeries("mtp", h, 1, layers=range(3, 7))
-    out["mtp"] = _error(lambda: reg(s, 7))
+    out["mtp"] = sh.error_of(lambda: reg(s, 7))
     s = ShardedSeries("gap", h, 0)
     for i in (3, 4, 6):
         reg(s, i)
-    out["gap"] = _error(s.finalize)
-    out["k_init"] = _error(lambda: ShardedSeries("k", h, 3, layers=range(0, 4)))
-    out["k_neg"] = _error(lambda: ShardedSeries("k", h, -1))
+    out["gap"] = sh.error_of(s.finalize)
+    out["k_init"] = sh.error_of(lambda: ShardedSeries("k", h, 3, layers=range(0, 4)))
+    out["k_neg"] = sh.error_of(lambda: ShardedSeries("k", h, -1))
     s = ShardedSeries("kfin", h, 3)
     for i in range(4):
         reg(s, i)
-    out["k_finalize"] = _error(s.finalize)
-    out["wait_early"] = _error(lambda: s.wait(0))
-    out["owner_meta"] = _error(lambda: ShardedSeries("m", h, 0).register(h.rank, meta))
+    out["k_finalize"] = sh.error_of(s.finalize)
+    out["wait_early"] = sh.error_of(lambda: s.wait(0))
+    out["owner_meta"] = sh.error_of(lambda: ShardedSeries("m", h, 0).register(h.rank, meta))
 
     s, _ = _make(h, "order", 5, 4, 1, torch.float32)
     s.prefetch(5)
-    out["out_of_order"] = _error(lambda: s.wait(6))
-    out["double_prefetch"] = _error(lambda: s.prefetch(6))
-    ok = _same_bits(s.wait(5), _post(_weight(5, torch.float32)))  # still usable after errors
-    out["wait_before_prefetch"] = _error(lambda: s.wait(6))
+    out["out_of_order"] = sh.error_of(lambda: s.wait(6))
+    out["double_prefetch"] = sh.error_of(lambda: s.prefetch(6))
+    ok = sh.same_bits(s.wait(5), _post(_weight(5, torch.float32)))  # still usable after errors
+    out["wait_before_prefetch"] = sh.error_of(lambda: s.wait(6))
     out["recovered"] = str(ok)
 
     s = ShardedSeries("plan", h, 0)  # ranks disagree on the start: caught before any broadcast
     for i in range(h.rank, h.rank + 3):
         s.register(i, _weight(i, torch.float32) if s.owns(i) else meta)
-    out["plan"] = _error(s.finalize)
+    out["plan"] = sh.error_of(s.finalize)
     return out
 
 
@@ -189,20 +152,20 @@ def _plain_groups(rank: int, world: int) -> dict[str, object]:
         h = GroupHandle.of(sub)
         out["sub_handle"] = (h.ranks, h.rank, h.group is None)
     else:
-        out["sub"] = _error(lambda: ShardedSeries("x", sub, 0))
+        out["sub"] = sh.error_of(lambda: ShardedSeries("x", sub, 0))
     return out
 
 
 def _world_worker(rank: int, world: int) -> dict[str, object]:
-    full = _handle(list(range(world)))
+    full = sh.new_handle(list(range(world)))
     assert full is not None
     sweeps: dict[str, tuple[int, list[str]]] = {f"G={world}": _sweep(full)}
     if world == 4:  # two G=2 groups run their sweeps concurrently
-        pairs = [_handle([0, 1]), _handle([2, 3])]  # every rank creates both groups
+        pairs = [sh.new_handle([0, 1]), sh.new_handle([2, 3])]  # every rank makes both
         pair = pairs[rank // 2]
         assert pair is not None
         sweeps[f"G=2 pair {rank // 2}"] = _sweep(pair)
-    sub = _handle([0, 1])
+    sub = sh.new_handle([0, 1])
     one = GroupHandle(None, (rank,), 0)
     return {
         "sweeps": sweeps,
@@ -216,9 +179,7 @@ def _world_worker(rank: int, world: int) -> dict[str, object]:
 def _check_world(world: int) -> None:
     results = run_local(_world_worker, world, timeout_s=240, group_timeout_s=60)
     for rank, res in enumerate(results):
-        for name, (n, bad) in res["sweeps"].items():
-            assert n == sum(L - 1 for L in range(2, 10)) * len(STARTS), name
-            assert not bad, f"rank {rank} {name}: {bad[:5]}"
+        sh.assert_sweeps_passed(res["sweeps"], rank, 9)
         assert not res["single"], res["single"]
         assert not res["two_series"], res["two_series"]
         m = res["misuse"]
@@ -257,22 +218,9 @@ def test_series_four_ranks_with_concurrent_subgroups() -> None:
     _check_world(4)
 
 
-def _skip_prefetch_on_rank0(rank: int, world: int) -> None:
-    h = GroupHandle(dist.group.WORLD, tuple(range(world)), rank)
-    s, _ = _make(h, "o_proj", 59, 5, 2, torch.float32)
-    for p in range(2):
-        for i in range(59, 64):
-            if not (rank == 0 and p == 1 and i == 61):
-                s.prefetch(i)
-            s.wait(i)
-
-
 def test_prefetch_skipped_on_one_rank_fails_within_group_timeout() -> None:
-    t0 = time.monotonic()
-    with pytest.raises(RankFailure) as info:
-        run_local(_skip_prefetch_on_rank0, 2, timeout_s=60, group_timeout_s=3)
-    assert time.monotonic() - t0 < 30
-    assert "wait(layer 61) before prefetch(layer 61)" in str(info.value)
+    o_proj = partial(_make, name="o_proj", start=59, L=5, k=2, dtype=torch.float32)
+    sh.check_skipped_prefetch_fails_fast(o_proj)
 
 
 def test_prefetch_target_wraps_within_the_stage() -> None:
@@ -280,7 +228,7 @@ def test_prefetch_target_wraps_within_the_stage() -> None:
     assert [prefetch_target(i, 3, 4, 1) for i in range(3, 7)] == [4, 5, 6, 3]
     assert (6 + 1) % 4 + 3 == 6
     assert [prefetch_target(i, 59, 5, 2) for i in range(59, 64)] == [61, 62, 63, 59, 60]
-    for start in STARTS:
+    for start in sh.STARTS:
         for L in range(2, 10):
             for k in range(L - 1):
                 got = [prefetch_target(i, start, L, k) for i in range(start, start + L)]

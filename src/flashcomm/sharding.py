@@ -11,6 +11,9 @@ Schedule (DESIGN.md section 3), with positions p = i - start in 0..L-1 and k = p
 The m-th prefetch writes slot (m + k) mod (k+1) and the m-th wait reads slot m mod (k+1), so the
 slot a prefetch overwrites is the one the previous layer read. Calls must alternate
 prefetch(i), wait(i), prefetch(i+1), ... cyclically; anything else raises before any collective.
+LayerSeries holds that schedule, the ring's slot tags and the counters; ShardedSeries (the owner
+source, here) and GatheredSeries (the gather source, gathered.py) only differ in what they store
+and how a slot is filled.
 
 CUDA/NCCL: the ring buffers are allocated once and never freed, so nothing relies on
 `record_stream`. ProcessGroupNCCL makes its stream wait on the *current* stream when a collective
@@ -82,26 +85,20 @@ def _storage_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
     return sum(seen.values())
 
 
-class ShardedSeries:
-    """One weight name across the L consecutive layers of a stage, sharded over a shard group.
+class LayerSeries:
+    """What both sources of a layer-sharded weight share: argument and registration checks, the
+    prefetch(i)/wait(i) schedule, the ring's slot tags and in-flight works, the cross-rank plan
+    check and the SeriesStats counters. Subclasses fill `_kept`, the ring and its slots."""
 
-    Resident bytes per rank after finalize are `(owned + k + 1) * |W|`, owned = #{i : i mod G ==
-    group rank}; a one-rank group keeps every layer and no ring: `L * |W|`. Owners keep their
-    idle ring slot rather than share it, so the figure does not depend on the schedule."""
+    _PLAN_WORDS = ("shard group", "name/shape/dtype/start/L/k")
+    """How the plan-mismatch error names the group and what its ranks must agree on."""
 
-    def __init__(
-        self,
-        name: str,
-        group: GroupHandle | dist.ProcessGroup | None,
-        prefetch_step: int,
-        *,
-        sync: bool = False,
-        layers: range | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
+    def __init__(self, name: str, group: GroupHandle | dist.ProcessGroup | None,
+                 prefetch_step: int, *, sync: bool = False, layers: range | None = None,
+                 device: torch.device | str | None = None) -> None:
         """`group`: our GroupHandle, a plain torch ProcessGroup or None (the world); `layers`, if
         given, is the exact index range this stage must register (rejects draft/MTP layers);
-        `device` holds the ring (default: the device of owned weights)."""
+        `device` holds the ring."""
         if not isinstance(prefetch_step, int) or prefetch_step < 0:
             raise ValueError(f"series {name!r}: prefetch_step={prefetch_step!r} must be an "
                              f"int >= 0")
@@ -110,31 +107,24 @@ class ShardedSeries:
                 raise ValueError(f"series {name!r}: layers={layers} must be a non-empty range "
                                  f"of consecutive indices >= 0")
             self._check_k(prefetch_step, len(layers), name)
-        self.name = name
+        self.name, self.k, self.sync = name, prefetch_step, sync
         self.group = GroupHandle.of(group)
-        self.k = prefetch_step
-        self.sync = sync
         self._layers = layers
         self._device = None if device is None else torch.device(device)
-        self._registered: dict[int, torch.Tensor] = {}  # owned: real tensor; else meta placeholder
+        self._registered: dict[int, torch.Tensor] = {}
         self._finalized = False
-        self._start = 0
-        self._num_layers = 0
-        self._owned: dict[int, torch.Tensor] = {}
+        self._start = self._num_layers = 0
         self._slots: list[torch.Tensor] = []
         self._slot_layer: list[int | None] = []  # tag: which layer each slot holds (or will hold)
-        self._slot_work: list[dist.Work | None] = []  # in-flight broadcast into each slot
-        self._writes = 0  # prefetches issued (m): next write slot is (m + k) mod (k+1)
-        self._reads = 0  # waits done: next read slot is reads mod (k+1)
-        self._layer_bytes = 0
-        self._bytes_received = 0
-        self._bytes_sent = 0
-        self._fetches = 0
+        self._slot_work: list[list[dist.Work]] = []  # in-flight collectives into each slot
+        self._pos = 0  # position (0..L-1) of the next layer to prefetch
+        self._pending = False  # prefetch(start + pos) done, its wait not yet
+        self._writes = self._reads = 0  # ring prefetches (m) / ring reads
+        self._kept: dict[int, torch.Tensor] = {}  # owned layers, or resident slices
+        self._fetches = self._waits = self._bytes_received = self._bytes_sent = 0
         self._blocked_s = 0.0
-        self._peak = 0
-        self._finalize_received = 0
-
-    # ---- loading ---------------------------------------------------------------------------
+        self._blocked_by_pos: list[float] = []
+        self._layer_bytes = self._peak = self._finalize_received = 0
 
     @property
     def start(self) -> int:
@@ -148,16 +138,10 @@ class ShardedSeries:
         self._need_finalized("num_layers")
         return self._num_layers
 
-    def owner(self, layer_idx: int) -> int:
-        """Group rank that stores layer `layer_idx`."""
-        return layer_idx % self.group.size
+    # ---- checks shared by register and finalize --------------------------------------------
 
-    def owns(self, layer_idx: int) -> bool:
-        """Whether this rank stores layer `layer_idx` (the loader reads it only then)."""
-        return self.owner(layer_idx) == self.group.rank
-
-    def register(self, layer_idx: int, weight: torch.Tensor) -> None:
-        """Owners pass the real tensor, others a placeholder of the right shape/dtype (meta)."""
+    def _check_register(self, layer_idx: int) -> str:
+        """Raise unless `layer_idx` may be registered now; the error prefix for further checks."""
         where = f"series {self.name!r}: register(layer {layer_idx})"
         if self._finalized:
             raise RuntimeError(f"{where} after finalize()")
@@ -168,6 +152,174 @@ class ShardedSeries:
                              f"{self._layers.stop - 1} (draft/MTP layers do not belong here)")
         if layer_idx in self._registered:
             raise ValueError(f"{where}: layer {layer_idx} is already registered")
+        return where
+
+    def _check_registered(self) -> list[int]:
+        """finalize's local checks (consecutive layers, the stage's range, k, one shape/dtype);
+        sets start and L and returns the sorted layer indices."""
+        if self._finalized:
+            raise RuntimeError(f"series {self.name!r}: finalize() called twice")
+        idx = sorted(self._registered)
+        if not idx:
+            raise ValueError(f"series {self.name!r}: finalize() with no registered layers")
+        start, L = idx[0], len(idx)
+        if idx[-1] - start + 1 != L:
+            missing = sorted(set(range(start, idx[-1] + 1)) - set(idx))
+            raise ValueError(f"series {self.name!r}: layer indices must be consecutive; "
+                             f"registered {start}..{idx[-1]} misses {missing}")
+        if self._layers is not None and (start, L) != (self._layers.start, len(self._layers)):
+            raise ValueError(f"series {self.name!r}: registered {start}..{idx[-1]} but the stage "
+                             f"has layers {self._layers.start}..{self._layers.stop - 1}")
+        self._check_k(self.k, L, self.name)
+        shapes = {(tuple(w.shape), w.dtype) for w in self._registered.values()}
+        if len(shapes) != 1:
+            raise ValueError(f"series {self.name!r}: layers differ in shape/dtype: {shapes}")
+        self._start, self._num_layers = start, L
+        return idx
+
+    @staticmethod
+    def _check_k(k: int, num_layers: int, name: str) -> None:
+        if not 0 <= k <= num_layers - 2:
+            raise ValueError(f"series {name!r}: prefetch_step k={k} must satisfy 0 <= k <= L-2 = "
+                             f"{num_layers - 2} for L={num_layers} layers"
+                             + (" (a series needs L >= 2)" if num_layers < 2 else ""))
+
+    def _check_same_plan(self) -> None:
+        """All-gather (start, L, k, name/shape/dtype) so diverging ranks fail here, not hang."""
+        if self.group.group is None:
+            return
+        w = self._registered[self._start]
+        key = f"{self.name}|{tuple(w.shape)}|{w.dtype}"
+        mine = torch.tensor([self._start, self._num_layers, self.k, zlib.crc32(key.encode())],
+                            dtype=torch.int64, device=self._device)
+        every = [torch.empty_like(mine) for _ in range(self.group.size)]
+        dist.all_gather(every, mine, group=self.group.group)
+        plans = [tuple(t.tolist()) for t in every]
+        if len(set(plans)) != 1:
+            rows = ", ".join(f"rank {r}: start={p[0]} L={p[1]} k={p[2]}"
+                             for r, p in zip(self.group.ranks, plans, strict=True))
+            group, what = self._PLAN_WORDS
+            raise RuntimeError(f"series {self.name!r}: ranks of the {group} disagree on the "
+                               f"series ({what}): {rows}")
+
+    def _check_processed(self, layer_idx: int, out: torch.Tensor,
+                         like: torch.Tensor | None) -> torch.Tensor:
+        """Every post-processed layer must match the first in shape and dtype (ring buffers)."""
+        if like is not None and (out.shape, out.dtype) != (like.shape, like.dtype):
+            raise ValueError(f"series {self.name!r}: post_process gave layer {layer_idx} "
+                             f"{tuple(out.shape)} {out.dtype}, the first layer "
+                             f"{tuple(like.shape)} {like.dtype}")
+        self._layer_bytes = out.numel() * out.element_size()
+        return like if like is not None else torch.empty_like(out, device="meta")
+
+    def _need_finalized(self, what: str) -> None:
+        if not self._finalized:
+            raise RuntimeError(f"series {self.name!r}: {what} before finalize()")
+
+    # ---- the schedule and the ring ----------------------------------------------------------
+
+    def _check_prefetch(self, layer_idx: int) -> None:
+        """Raise unless prefetch(layer_idx) is the schedule's next call (the caller then sets
+        `_pending`: its wait is the next call)."""
+        self._need_finalized("prefetch")
+        expected = self._start + self._pos
+        if layer_idx != expected or self._pending:
+            raise RuntimeError(
+                f"series {self.name!r}: prefetch(layer {layer_idx}) but the schedule expects "
+                + (f"wait(layer {expected}) first" if self._pending
+                   else f"prefetch(layer {expected})")
+                + "; every rank must call prefetch(i), wait(i) for i = start..start+L-1 in order")
+
+    def _turn_ring(self, layer_idx: int) -> tuple[int, int]:
+        """The ring's next write: (layer to fetch, slot to fetch it into), tagged in the slot."""
+        target = prefetch_target(layer_idx, self._start, self._num_layers, self.k)
+        slot = (self._writes + self.k) % (self.k + 1)
+        self._writes += 1
+        self._slot_layer[slot] = target
+        return target, slot
+
+    def _begin_wait(self, layer_idx: int) -> int:
+        """Raise if wait(layer_idx) has no pending prefetch; the layer the schedule expects."""
+        self._need_finalized("wait")
+        expected = self._start + self._pos
+        if not self._pending:
+            raise RuntimeError(
+                f"series {self.name!r}: wait(layer {layer_idx}) before prefetch(layer "
+                f"{expected}); call prefetch(i) when layer i starts, on every rank")
+        return expected
+
+    def _end_wait(self) -> None:
+        """The pending wait is done: the schedule moves to the next layer."""
+        self._pending = False
+        self._pos = (self._pos + 1) % self._num_layers
+        self._waits += 1
+
+    def _read_slot(self, layer_idx: int, hint: str) -> int:
+        """The ring's next read: check its tag is `layer_idx` (else raise with `hint`), join its
+        in-flight collectives on the current stream and return the slot."""
+        slot = self._reads % (self.k + 1)
+        held = self._slot_layer[slot]
+        if held != layer_idx:
+            raise RuntimeError(f"series {self.name!r}: wait(layer {layer_idx}) but ring slot "
+                               f"{slot} holds layer {held}; {hint}")
+        self._reads += 1
+        works, self._slot_work[slot] = self._slot_work[slot], []
+        for w in works:
+            w.wait()  # NCCL: the current stream waits, the CPU does not
+        return slot
+
+    def _init_ring(self) -> None:
+        """Slot tags after finalize (slots 0..k-1 hold layers start..start+k-1), no work."""
+        self._slot_layer = [self._start + p if p < self.k else None for p in range(self.k + 1)]
+        self._slot_work = [[] for _ in range(self.k + 1)]
+        self._blocked_by_pos = [0.0] * self._num_layers
+
+    # ---- counters ---------------------------------------------------------------------------
+
+    def blocked_wait_by_layer(self) -> list[float]:
+        """Host seconds blocked in ring waits, per layer position 0..L-1, since finalize."""
+        self._need_finalized("blocked_wait_by_layer")
+        return list(self._blocked_by_pos)
+
+    def _note_blocked(self, layer_idx: int, t0: float) -> None:
+        dt = time.perf_counter() - t0
+        self._blocked_s += dt
+        self._blocked_by_pos[layer_idx - self._start] += dt
+
+    def _note_peak(self, *transient: torch.Tensor) -> None:
+        held = [*self._registered.values(), *self._kept.values(), *self._slots, *transient]
+        self._peak = max(self._peak, _storage_bytes(held))
+
+    def _stats(self, resident_bytes: int) -> SeriesStats:
+        """SeriesStats: the subclass's resident bytes, the shared counters."""
+        self._need_finalized("stats")
+        return SeriesStats(
+            resident_bytes=resident_bytes, bytes_received=self._bytes_received,
+            bytes_sent=self._bytes_sent, fetches=self._fetches, waits=self._waits,
+            blocked_wait_s=self._blocked_s, layer_bytes=self._layer_bytes,
+            owned_layers=len(self._kept), slots=len(self._slots),
+            finalize_peak_bytes=self._peak, finalize_bytes_received=self._finalize_received)
+
+
+class ShardedSeries(LayerSeries):
+    """One weight name across the L consecutive layers of a stage, sharded over a shard group.
+
+    Resident bytes per rank after finalize are `(owned + k + 1) * |W|`, owned = #{i : i mod G ==
+    group rank}; a one-rank group keeps every layer and no ring: `L * |W|`. Owners keep their
+    idle ring slot rather than share it, so the figure does not depend on the schedule.
+    `device` (default: the device of owned weights) holds the ring."""
+
+    def owner(self, layer_idx: int) -> int:
+        """Group rank that stores layer `layer_idx`."""
+        return layer_idx % self.group.size
+
+    def owns(self, layer_idx: int) -> bool:
+        """Whether this rank stores layer `layer_idx` (the loader reads it only then)."""
+        return self.owner(layer_idx) == self.group.rank
+
+    def register(self, layer_idx: int, weight: torch.Tensor) -> None:
+        """Owners pass the real tensor, others a placeholder of the right shape/dtype (meta)."""
+        where = self._check_register(layer_idx)
         if self.owns(layer_idx):
             if weight.device.type == "meta":
                 raise ValueError(f"{where}: this rank owns the layer (i mod G = "
@@ -179,28 +331,12 @@ class ShardedSeries:
     def finalize(self, post_process: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """Collective over the group: broadcast each layer from its owner, post-process it on
         every rank, keep owned layers and pre-fill ring slots 0..k-1."""
-        if self._finalized:
-            raise RuntimeError(f"series {self.name!r}: finalize() called twice")
-        idx = sorted(self._registered)
-        if not idx:
-            raise ValueError(f"series {self.name!r}: finalize() with no registered layers")
-        start, L, k = idx[0], len(idx), self.k
-        if idx[-1] - start + 1 != L:
-            missing = sorted(set(range(start, idx[-1] + 1)) - set(idx))
-            raise ValueError(f"series {self.name!r}: layer indices must be consecutive; "
-                             f"registered {start}..{idx[-1]} misses {missing}")
-        if self._layers is not None and (start, L) != (self._layers.start, len(self._layers)):
-            raise ValueError(f"series {self.name!r}: registered {start}..{idx[-1]} but the stage "
-                             f"has layers {self._layers.start}..{self._layers.stop - 1}")
-        self._check_k(k, L, self.name)
-        shapes = {(tuple(w.shape), w.dtype) for w in self._registered.values()}
-        if len(shapes) != 1:
-            raise ValueError(f"series {self.name!r}: layers differ in shape/dtype: {shapes}")
-        self._start, self._num_layers = start, L
+        idx = self._check_registered()
+        start, k = self._start, self.k
         self._device = self._device or self._default_device()
         self._check_same_plan()
 
-        G, pg = self.group.size, self.group.group
+        pg = self.group.group
         self._slots = [None] * k  # type: ignore[list-item]  # windows 0..k-1, None if owned
         like: torch.Tensor | None = None
         for i in idx:  # one broadcast per layer, so post_process sees the real data everywhere
@@ -215,48 +351,36 @@ class ShardedSeries:
             like = self._check_processed(i, out, like)
             self._note_peak(raw, out)
             if self.owns(i):
-                self._owned[i] = out
+                self._kept[i] = out
                 self._registered[i] = out  # drop the raw copy now, not at the end
             elif i - start < k:
                 self._slots[i - start] = out
             del raw, out
         self._registered = {}
 
-        if G > 1:  # the ring: k+1 real buffers, also where an owner reads its own copy
+        if self.group.size > 1:  # the ring: k+1 real buffers, also where an owner reads its own
             self._slots.append(None)  # type: ignore[arg-type]
             self._slots = [torch.empty_like(like, device=self._device) if s is None else s
                            for s in self._slots]
             self._note_peak()
         else:
             self._slots = []
-        self._slot_layer = [start + p if p < k else None for p in range(k + 1)]
-        self._slot_work = [None] * (k + 1)
+        self._init_ring()
         self._finalized = True
-
-    # ---- forward ---------------------------------------------------------------------------
 
     def prefetch(self, layer_idx: int, full: bool = True) -> None:
         """Layer i begins (its QKV): start broadcasting layer start + ((i - start + k) mod L).
         `full` (GatheredSeries' per-step path) is ignored: the owner ring turns on every step."""
-        self._need_finalized("prefetch")
-        expected = self._start + self._writes % self._num_layers
-        if layer_idx != expected or self._writes != self._reads:
-            raise RuntimeError(
-                f"series {self.name!r}: prefetch(layer {layer_idx}) but the schedule expects "
-                + (f"wait(layer {self._start + self._reads % self._num_layers}) first"
-                   if self._writes != self._reads else f"prefetch(layer {expected})")
-                + "; every rank must call prefetch(i), wait(i) for i = start..start+L-1 in order")
-        target = prefetch_target(layer_idx, self._start, self._num_layers, self.k)
-        slot = (self._writes + self.k) % (self.k + 1)
-        self._writes += 1
-        self._slot_layer[slot] = target
+        self._check_prefetch(layer_idx)
+        self._pending = True
+        target, slot = self._turn_ring(layer_idx)
         if self.group.group is None:
             return
         # NCCL orders this after the o_proj that last read `slot` (enqueued on the current stream)
-        buf = self._owned[target] if self.owns(target) else self._slots[slot]
+        buf = self._kept[target] if self.owns(target) else self._slots[slot]
         work = dist.broadcast(buf, src=self.group.global_rank(self.owner(target)),
                               group=self.group.group, async_op=not self.sync)
-        self._slot_work[slot] = None if self.sync else work
+        self._slot_work[slot] = [] if self.sync else [work]
         self._fetches += 1
         nbytes = buf.numel() * buf.element_size()
         if self.owns(target):
@@ -267,58 +391,20 @@ class ShardedSeries:
     def wait(self, layer_idx: int, full: bool = True) -> torch.Tensor:
         """The post-processed weight of layer i; waits only for that layer's broadcast (`full`
         is ignored: a row-parallel step slices its own columns out of it)."""
-        self._need_finalized("wait")
         t0 = time.perf_counter()
-        slot = self._reads % (self.k + 1)
-        held = self._slot_layer[slot]
-        if self._reads >= self._writes:
-            raise RuntimeError(
-                f"series {self.name!r}: wait(layer {layer_idx}) before prefetch(layer "
-                f"{self._start + self._writes % self._num_layers}); call prefetch(i) when layer "
-                f"i starts, on every rank")
-        if held != layer_idx:
-            raise RuntimeError(
-                f"series {self.name!r}: wait(layer {layer_idx}) but ring slot {slot} holds layer "
-                f"{held}; layers must be waited in order start..start+L-1, each after its "
-                f"prefetch (a skipped or extra prefetch on this rank also shows up here)")
-        self._reads += 1
-        work, self._slot_work[slot] = self._slot_work[slot], None
-        if work is not None:
-            work.wait()  # NCCL: the current stream waits, the CPU does not
-        self._blocked_s += time.perf_counter() - t0
-        if layer_idx in self._owned:
-            return self._owned[layer_idx]
+        self._begin_wait(layer_idx)
+        slot = self._read_slot(layer_idx, "layers must be waited in order start..start+L-1, "
+                               "each after its prefetch (a skipped or extra prefetch on this "
+                               "rank also shows up here)")
+        self._end_wait()
+        self._note_blocked(layer_idx, t0)
+        if layer_idx in self._kept:
+            return self._kept[layer_idx]
         return self._slots[slot]
 
     def stats(self) -> SeriesStats:
         """Counters of this rank; resident_bytes = (owned + k + 1) * |W| (L * |W| if G == 1)."""
-        self._need_finalized("stats")
-        return SeriesStats(
-            resident_bytes=_storage_bytes([*self._owned.values(), *self._slots]),
-            bytes_received=self._bytes_received,
-            bytes_sent=self._bytes_sent,
-            fetches=self._fetches,
-            waits=self._reads,
-            blocked_wait_s=self._blocked_s,
-            layer_bytes=self._layer_bytes,
-            owned_layers=len(self._owned),
-            slots=len(self._slots),
-            finalize_peak_bytes=self._peak,
-            finalize_bytes_received=self._finalize_received,
-        )
-
-    # ---- helpers ---------------------------------------------------------------------------
-
-    @staticmethod
-    def _check_k(k: int, num_layers: int, name: str) -> None:
-        if not 0 <= k <= num_layers - 2:
-            raise ValueError(f"series {name!r}: prefetch_step k={k} must satisfy 0 <= k <= L-2 = "
-                             f"{num_layers - 2} for L={num_layers} layers"
-                             + (" (a series needs L >= 2)" if num_layers < 2 else ""))
-
-    def _need_finalized(self, what: str) -> None:
-        if not self._finalized:
-            raise RuntimeError(f"series {self.name!r}: {what} before finalize()")
+        return self._stats(_storage_bytes([*self._kept.values(), *self._slots]))
 
     def _default_device(self) -> torch.device:
         real = [w for w in self._registered.values() if w.device.type != "meta"]
@@ -327,35 +413,3 @@ class ShardedSeries:
         if self.group.group is not None and dist.get_backend(self.group.group) == "nccl":
             return torch.device("cuda", torch.cuda.current_device())  # CUDA-only
         return torch.device("cpu")
-
-    def _check_same_plan(self) -> None:
-        """All-gather (name, start, L, k, shape) so diverging ranks fail here, not in a hang."""
-        if self.group.group is None:
-            return
-        w = next(iter(self._registered.values()))
-        key = f"{self.name}|{tuple(w.shape)}|{w.dtype}"
-        mine = torch.tensor([self._start, self._num_layers, self.k, zlib.crc32(key.encode())],
-                            dtype=torch.int64, device=self._device)
-        every = [torch.empty_like(mine) for _ in range(self.group.size)]
-        dist.all_gather(every, mine, group=self.group.group)
-        plans = [tuple(t.tolist()) for t in every]
-        if len(set(plans)) != 1:
-            rows = ", ".join(f"rank {r}: start={p[0]} L={p[1]} k={p[2]}"
-                             for r, p in zip(self.group.ranks, plans, strict=True))
-            raise RuntimeError(f"series {self.name!r}: ranks of the shard group disagree on the "
-                               f"series (name/shape/dtype/start/L/k): {rows}")
-
-    def _check_processed(
-        self, layer_idx: int, out: torch.Tensor, like: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Every post-processed layer must match the first in shape and dtype (ring buffers)."""
-        if like is not None and (out.shape, out.dtype) != (like.shape, like.dtype):
-            raise ValueError(f"series {self.name!r}: post_process gave layer {layer_idx} "
-                             f"{tuple(out.shape)} {out.dtype}, the first layer "
-                             f"{tuple(like.shape)} {like.dtype}")
-        self._layer_bytes = out.numel() * out.element_size()
-        return like if like is not None else torch.empty_like(out, device="meta")
-
-    def _note_peak(self, *transient: torch.Tensor) -> None:
-        held = [*self._registered.values(), *self._owned.values(), *self._slots, *transient]
-        self._peak = max(self._peak, _storage_bytes(held))

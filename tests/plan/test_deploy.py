@@ -10,16 +10,7 @@ import sys
 import pytest
 
 from flashcomm.models.args import ModelArgs
-from flashcomm.plan.costmodel import (
-    HardwareProfile,
-    Shape,
-    comm_time,
-    crossover_tokens,
-    exposed_fetch_s,
-    fetch_bytes_per_step,
-    layer_calls,
-    step_fetches,
-)
+from flashcomm.plan import costmodel as cm
 from flashcomm.plan.deploy import DEPLOYMENTS
 from flashcomm.plan.planner import GIB, make_plan
 from flashcomm.plan.strategy import Strategy
@@ -27,8 +18,8 @@ from flashcomm.plan.strategy import Strategy
 LLAMA70B = {"model_type": "llama", "hidden_size": 8192, "num_hidden_layers": 80,
             "num_attention_heads": 64, "num_key_value_heads": 8, "intermediate_size": 28672,
             "vocab_size": 128256, "hidden_act": "silu"}
-SHAPE = Shape(hidden=64, q_dim=128, tp=4, elt_bytes=2, layers=6, head_dim=32, kv_heads=2,
-              intermediate=256)
+SHAPE = cm.Shape(hidden=64, q_dim=128, tp=4, elt_bytes=2, layers=6, head_dim=32, kv_heads=2,
+                 intermediate=256)
 
 
 @pytest.mark.parametrize("otp", [1, 2])
@@ -41,42 +32,42 @@ def test_fetch_traffic_per_step_and_phase_by_source(otp: int) -> None:
         threshold = Strategy("flashcomm2", otp, oshard_k=1, shard_source=src, min_tokens=64)
         auto = Strategy("auto", otp, oshard_k=1, shard_source=src)
         for t in (1, 16, 4096):  # FlashComm2 on every step: both sources fetch every layer
-            assert fetch_bytes_per_step(fixed, SHAPE, t) == per_step
-            assert len(step_fetches(fixed, SHAPE, t)) == 6
+            assert cm.fetch_bytes_per_step(fixed, SHAPE, t) == per_step
+            assert len(cm.step_fetches(fixed, SHAPE, t)) == 6
         # below the threshold: the owner ring still turns, the gather source moves nothing
         small = per_step if src == "owner" else 0.0
-        assert fetch_bytes_per_step(threshold, SHAPE, 16) == small
-        assert fetch_bytes_per_step(auto, SHAPE, 16, threshold=64) == small
-        assert fetch_bytes_per_step(auto, SHAPE, 64, threshold=64) == per_step
-        assert fetch_bytes_per_step(auto, SHAPE, 4096, threshold=None) == small  # auto: never
-    slow = HardwareProfile.load("pcie-gen4")
+        assert cm.fetch_bytes_per_step(threshold, SHAPE, 16) == small
+        assert cm.fetch_bytes_per_step(auto, SHAPE, 16, threshold=64) == small
+        assert cm.fetch_bytes_per_step(auto, SHAPE, 64, threshold=64) == per_step
+        assert cm.fetch_bytes_per_step(auto, SHAPE, 4096, threshold=None) == small  # auto: never
+    slow = cm.HardwareProfile.load("pcie-gen4")
     gather = Strategy("auto", otp, oshard_k=0, shard_source="gather")
     owner = Strategy("auto", otp, oshard_k=0, shard_source="owner")
-    assert exposed_fetch_s(slow, gather, SHAPE, 16, threshold=64) == 0.0
-    assert exposed_fetch_s(slow, owner, SHAPE, 16, threshold=64) > 0.0  # one token's window
+    assert cm.exposed_fetch_s(slow, gather, SHAPE, 16, threshold=64) == 0.0
+    assert cm.exposed_fetch_s(slow, owner, SHAPE, 16, threshold=64) > 0.0  # one token's window
 
 
 def test_gather_crossover_counts_the_fetch_compute_does_not_hide() -> None:
-    shape = Shape(hidden=8192, q_dim=8192, tp=8, elt_bytes=2, layers=80, head_dim=128,
-                  kv_heads=8, intermediate=28672)
-    prof = HardwareProfile.load("h100-nvlink")
-    plain = crossover_tokens(prof, shape, Strategy("flashcomm2", 1), Strategy())
+    shape = cm.Shape(hidden=8192, q_dim=8192, tp=8, elt_bytes=2, layers=80, head_dim=128,
+                     kv_heads=8, intermediate=28672)
+    prof = cm.HardwareProfile.load("h100-nvlink")
+    plain = cm.crossover_tokens(prof, shape, Strategy("flashcomm2", 1), Strategy())
     owner = Strategy("flashcomm2", 1, oshard_k=1)
-    assert crossover_tokens(prof, shape, owner, Strategy()) == plain
+    assert cm.crossover_tokens(prof, shape, owner, Strategy()) == plain
     for k in (0, 1, 2):
         g = Strategy("flashcomm2", 1, oshard_k=k, shard_source="gather")
-        t = crossover_tokens(prof, shape, g, Strategy())
+        t = cm.crossover_tokens(prof, shape, g, Strategy())
         assert t is not None and t > plain
         # at the threshold FlashComm2's comm + exposed fetch beats the all-reduce, just below not
         for tokens, wins in ((t, True), (t - 1, False)):
-            fc2 = comm_time(prof, layer_calls(g, shape, tokens))
-            fc2 += exposed_fetch_s(prof, g, shape, tokens) / 80
-            assert (fc2 < comm_time(prof, layer_calls(Strategy(), shape, tokens))) == wins
+            fc2 = cm.comm_time(prof, cm.layer_calls(g, shape, tokens))
+            fc2 += cm.exposed_fetch_s(prof, g, shape, tokens) / 80
+            assert (fc2 < cm.comm_time(prof, cm.layer_calls(Strategy(), shape, tokens))) == wins
 
 
 def test_plan_rows_report_fetch_per_phase_and_whether_it_is_hidden() -> None:
     m = ModelArgs.from_hf_config(LLAMA70B)
-    plan = make_plan(m, 8, HardwareProfile.load("h100-nvlink"), otps=[1])
+    plan = make_plan(m, 8, cm.HardwareProfile.load("h100-nvlink"), otps=[1])
     rows = {r["strategy"]: r for r in plan["strategies"]}
     w = 8192 * 8192 * 2
     fetch = 80 * 7 * w / 8
@@ -98,7 +89,7 @@ def test_plan_rows_report_fetch_per_phase_and_whether_it_is_hidden() -> None:
 
 def test_deployments_recommend_a_source_and_threshold() -> None:
     m = ModelArgs.from_hf_config(LLAMA70B)
-    plan = make_plan(m, 8, HardwareProfile.load("h100-nvlink"), memory_budget_bytes=21 * GIB)
+    plan = make_plan(m, 8, cm.HardwareProfile.load("h100-nvlink"), memory_budget_bytes=21 * GIB)
     dep = plan["deployments"]
     assert set(dep) == set(DEPLOYMENTS)
     # decode never pays for FlashComm2 or a fetch: plain TP, the least memory

@@ -28,6 +28,7 @@ from typing import Any
 FC2 = {"FLASHCOMM2_PARALLEL_SIZE": "1"}
 STRATEGIES: dict[str, dict[str, str]] = {
     "stock": {},
+    "stock_again": {},  # a second stock instance: the A/A noise floor of this run
     "fc2": FC2,  # every step FlashComm2 (threshold 0)
     "fc2_oshard_k1": {**FC2, "FLASHCOMM_LAYER_SHARDING": "o_proj",
                       "FLASHCOMM_PREFETCH_STEP": "1"},
@@ -77,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", type=int, default=4, help="prompts per prefill batch")
     parser.add_argument("--gen-prompts", type=int, default=4, help="prompts of the generate run")
     parser.add_argument("--gen-tokens", type=int, default=32, help="greedy tokens per prompt")
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved timed rounds")
+    parser.add_argument("--rounds", type=int, default=21, help="interleaved timed rounds")
     parser.add_argument("--eager", action="store_true", help="enforce_eager (default: compiled)")
     parser.add_argument("--strategies", default=",".join(STRATEGIES),
                         help=f"comma-separated subset of {list(STRATEGIES)}")

@@ -74,11 +74,17 @@ def worker_report(worker: Any) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def llm_with_env(env: dict[str, str], **llm_kwargs: Any) -> Iterator[Any]:
-    """A vLLM `LLM(**llm_kwargs)` built with `env` set (the plugin reads it in every worker);
-    the engine is shut down and the environment restored on exit."""
+    """A vLLM `LLM(**llm_kwargs)` built with `env` set and no other FLASHCOMM* variable (the
+    plugin reads them in every worker at start-up); the engine is shut down and the environment
+    restored on exit, so instances may nest."""
     from vllm import LLM
 
-    saved = {k: os.environ.get(k) for k in env}
+    from flashcomm.vllm.context import plugin_env_names
+
+    touched = {*env, *plugin_env_names()}
+    saved = {k: os.environ.get(k) for k in touched}
+    for k in plugin_env_names():
+        os.environ.pop(k, None)
     os.environ.update(env)
     llm = None
     try:

@@ -42,8 +42,8 @@ def test_bad_config_same_messages_as_engine(monkeypatch):
         ({"FLASHCOMM2_PARALLEL_SIZE": "1", "FLASHCOMM2_MIN_TOKENS": "-1"},
          "FLASHCOMM2_MIN_TOKENS (knob flashcomm2_min_tokens=-1: must be >= 0"),
         ({"FLASHCOMM2_PARALLEL_SIZE": "1", "FLASHCOMM1": "1"}, "FLASHCOMM1=1 (knob flashcomm1)"),
-        ({"FLASHCOMM2_PARALLEL_SIZE": "1", "FLASHCOMM_LAYER_SHARDING": "o_proj",
-          "FLASHCOMM_SHARD_SOURCE": "gather"}, "FLASHCOMM_SHARD_SOURCE=gather"),
+        ({"FLASHCOMM2_PARALLEL_SIZE": "1", "FLASHCOMM_SHARD_SOURCE": "gather"},
+         "shard_source='gather': applies to the layer-sharded o_proj"),
     ]
     for env, message in cases:
         _clear_env(monkeypatch)
@@ -66,7 +66,8 @@ def test_register_refuses_bad_knobs_and_is_idempotent(monkeypatch):
     register()  # not enabled: nothing registered
     assert op_registry_oot == before
     for env, knob in ((("FLASHCOMM2_MIN_TOKENS", "-1"), "FLASHCOMM2_MIN_TOKENS"),
-                      (("FLASHCOMM1", "1"), "FLASHCOMM1=1 (knob flashcomm1)")):
+                      (("FLASHCOMM1", "1"), "FLASHCOMM1=1 (knob flashcomm1)"),
+                      (("FLASHCOMM_SHARD_SOURCE", "gather"), "FLASHCOMM_SHARD_SOURCE=gather")):
         _clear_env(monkeypatch)
         monkeypatch.setenv(*env)
         with pytest.raises(ConfigError, match=re.escape(knob)):

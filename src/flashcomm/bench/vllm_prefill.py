@@ -33,6 +33,8 @@ STRATEGIES: dict[str, dict[str, str]] = {
     "fc2_oshard_k1": {**FC2, "FLASHCOMM_LAYER_SHARDING": "o_proj",
                       "FLASHCOMM_PREFETCH_STEP": "1"},
     "auto": {**FC2, "FLASHCOMM2_MIN_TOKENS": "auto"},  # per step, threshold fitted at start-up
+    "auto_gather": {**FC2, "FLASHCOMM2_MIN_TOKENS": "auto", "FLASHCOMM_LAYER_SHARDING": "o_proj",
+                    "FLASHCOMM_SHARD_SOURCE": "gather", "FLASHCOMM_PREFETCH_STEP": "1"},
 }
 WORDS = [f"w{i}" for i in range(500)]
 

@@ -8,6 +8,7 @@ Enable it with the knobs' environment variables (validated with the engine's mes
     FLASHCOMM2_MIN_TOKENS=N | auto      per step: FlashComm2 at T >= N, else vLLM's all-reduce
     FLASHCOMM_PROFILE=fit | name | file where 'auto' gets its collective costs (fit: measure)
     FLASHCOMM_LAYER_SHARDING=o_proj     O-Shard the replicated o_proj over its shard group
+    FLASHCOMM_SHARD_SOURCE=gather       its W_o from the resident D/N slices, FlashComm2 steps only
     FLASHCOMM_PREFETCH_STEP=k           prefetch distance, 0 <= k <= L-2
     FLASHCOMM_REPORT_DIR=dir            write rank<r>.json (bytes, threshold) after loading
 With none of the FLASHCOMM* variables set, `register()` does nothing and vLLM runs stock. Any

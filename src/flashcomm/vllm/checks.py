@@ -35,9 +35,10 @@ def check_env(cfg: FlashCommConfig) -> None:
     if cfg.layer_sharding and not cfg.flashcomm2:
         raise ConfigError("FLASHCOMM_LAYER_SHARDING=o_proj: the vLLM plugin shards the replicated "
                           "FlashComm2 o_proj, so set FLASHCOMM2_PARALLEL_SIZE >= 1 as well")
-    if cfg.shard_source != ShardSource.OWNER:
-        raise ConfigError(f"FLASHCOMM_SHARD_SOURCE={cfg.shard_source} (knob shard_source): the "
-                          "vLLM plugin serves only 'owner' for now; unset it")
+    if cfg.shard_source == ShardSource.GATHER and not cfg.layer_sharding:
+        raise ConfigError("FLASHCOMM_SHARD_SOURCE=gather (knob shard_source): the gather source "
+                          "feeds the layer-sharded o_proj, so set FLASHCOMM_LAYER_SHARDING=o_proj "
+                          "and FLASHCOMM2_PARALLEL_SIZE >= 1 as well")
 
 
 def check_plugin_limits(cfg: FlashCommConfig, vllm_config: Any) -> None:

@@ -26,11 +26,12 @@ import torch
 import torch.distributed as dist
 
 from flashcomm.config import AUTO, FlashCommConfig
+from flashcomm.gathered import GatheredSeries
 from flashcomm.groups import ParallelGroups
 from flashcomm.layout import ParallelLayout, stage_layers
 from flashcomm.sharding import ShardedSeries
 from flashcomm.vllm.checks import check_plugin_limits, configure_vllm
-from flashcomm.vllm.weights import OProjWeights, OwnerRing, ResidentWeights
+from flashcomm.vllm.weights import GatherRing, OProjWeights, OwnerRing, ResidentWeights
 
 logger = logging.getLogger("vllm.flashcomm")  # under vLLM's logger: its handlers and level
 
@@ -68,8 +69,9 @@ class VllmFlashComm:
     """vLLM's static forward context (name -> layer): where the ops look layers up."""
     groups: ParallelGroups | None = None
     """Our process groups (None when FlashComm2 is off)."""
-    series: ShardedSeries | None = None
-    """The O-Shard ring (owner source) when FLASHCOMM_LAYER_SHARDING=o_proj."""
+    series: ShardedSeries | GatheredSeries | None = None
+    """The O-Shard ring when FLASHCOMM_LAYER_SHARDING=o_proj (FLASHCOMM_SHARD_SOURCE: owner
+    = ShardedSeries on the shard group, gather = GatheredSeries on the odp fetch group)."""
     weights: OProjWeights | None = None
     """The o_proj weight source (resident or the ring), set up by the first register()."""
     min_tokens: int | None = 0
@@ -89,7 +91,8 @@ class VllmFlashComm:
     """Layers whose QKVParallelLinear issues the o_proj prefetch; any other layer's o_proj op
     issues its own (DeepSeek's MLA has no QKVParallelLinear)."""
     registered: dict[int, int] = field(default_factory=dict)
-    """o_proj layer index -> bytes of its (full or otp-slice) weight, as constructed."""
+    """o_proj layer index -> |W|, bytes of its FlashComm2 weight [H, D/otp] (under gather
+    the layer holds only its D/N columns of it)."""
     loaded: set[int] = field(default_factory=set)
     """o_proj layers whose post-load hook ran."""
     sealed: bool = False
@@ -146,7 +149,10 @@ class VllmFlashComm:
                     f"flashcomm: vLLM's {name} group of rank {rank} is {list(theirs.ranks)}, our "
                     f"layout expects {layout.group_of(rank, mine)}; unsupported rank order")
         ctx.groups = ParallelGroups.from_config(cfg, world)  # shard group for o_proj if sharded
-        if cfg.layer_sharding:
+        if cfg.gather_source:  # resident D/N columns, all-gathered on FlashComm2 steps only
+            ctx.series = GatheredSeries("o_proj", ctx.groups.fetch, cfg.prefetch_step,
+                                        layers=layers)
+        elif cfg.layer_sharding:
             ctx.series = ShardedSeries("o_proj", ctx.groups.shard["o_proj"], cfg.prefetch_step,
                                        layers=layers)
         logger.info("flashcomm: rank %d enabled %s, layers %d..%d", rank, cfg.to_dict(),
@@ -182,15 +188,22 @@ class VllmFlashComm:
         if name in self.static_layers:
             raise RuntimeError(f"flashcomm: layer name {name!r} is already in vLLM's static "
                                "forward context")
-        if self.weights is None:  # weight [H, D/otp] = odp blocks of D/N columns
-            width = weight.shape[1] // self.cfg.odp
+        gather = self.cfg.gather_source  # weight [H, D/N], else [H, D/otp]
+        if self.weights is None:  # [H, D/otp] = odp blocks of D/N columns
+            d_otp = weight.shape[1] * (self.cfg.odp if gather else 1)
+            width = d_otp // self.cfg.odp
             offset = self.groups.tp.rank % self.cfg.odp * width  # this rank's own heads
-            self.weights = (OwnerRing(self.series, offset, width) if self.series is not None
-                            else ResidentWeights(offset, width))
-            self.o_proj_shape, self.dtype = (weight.shape[0], weight.shape[1]), weight.dtype
+            if gather:
+                self.weights = GatherRing(self.series)
+            elif self.series is not None:
+                self.weights = OwnerRing(self.series, offset, width)
+            else:
+                self.weights = ResidentWeights(offset, width)
+            self.o_proj_shape, self.dtype = (weight.shape[0], d_otp), weight.dtype
         self.weights.register(layer_idx, weight)
         self.static_layers[name] = layer
-        self.registered[layer_idx] = weight.numel() * weight.element_size()
+        self.registered[layer_idx] = (self.o_proj_shape[0] * self.o_proj_shape[1]
+                                      * weight.element_size())
 
     def after_loading(self, layer_idx: int) -> None:
         """Post-load hook of one o_proj; the last one distributes the series and resolves the
@@ -241,7 +254,8 @@ class VllmFlashComm:
     # ---- facts -----------------------------------------------------------------------------
 
     def resident_o_proj_bytes(self) -> int:
-        """Bytes of o_proj weights this worker holds (O-Shard: owned layers + ring)."""
+        """Bytes of o_proj weights this worker holds (owner: owned layers + ring; gather: every
+        layer's D/N columns + ring)."""
         return self.weights.resident_bytes() if self.weights is not None else 0
 
     def report(self) -> dict[str, Any]:

@@ -63,19 +63,23 @@ class FlashCommRowParallelLinear(RowParallelLinear):
                             quant_config, prefix, return_bias=return_bias, disable_tp=disable_tp)
         self.ctx, self.flashcomm_layer = ctx, idx
         self.input_is_parallel, self.reduce_results = input_is_parallel, reduce_results
-        groups = ctx.groups
+        groups, gather = ctx.groups, ctx.cfg.gather_source
         otp, odp = ctx.cfg.flashcomm2_otp, ctx.cfg.odp
-        self.input_size_per_partition = input_size // otp
+        # gather: stock TP's own D/N columns (block tp.rank); else odp group j's D/otp (block j)
+        self.input_size_per_partition = input_size // (ctx.cfg.tp if gather else otp)
         self.output_size_per_partition = output_size
         self.output_partition_sizes = [output_size]
-        self.otp_index = groups.tp.rank // odp  # odp block j holds input rows j*D/otp..
+        self.col_block = groups.tp.rank if gather else groups.tp.rank // odp
         self.quant_method = KeepWeightMethod()
-        shape = (output_size, self.input_size_per_partition)  # [H, D/otp]
+        shape = (output_size, self.input_size_per_partition)  # [H, D/N] or [H, D/otp]
         # Non-owners of a sharded layer never allocate it: the loader skips a meta weight.
         device = None if ctx.allocates(idx) else "meta"
+        if gather:  # stored [D/N, H] as GatheredSeries keeps slices: it keeps this storage
+            data = torch.empty(shape[::-1], dtype=self.params_dtype).t()  # [H, D/N] view
+        else:
+            data = torch.empty(shape, dtype=self.params_dtype, device=device)
         self.layer_name = prefix  # the ops find this layer under it in vLLM's forward context
-        self.weight = Parameter(torch.empty(shape, dtype=self.params_dtype, device=device),
-                                requires_grad=False)
+        self.weight = Parameter(data, requires_grad=False)
         self.weight.weight_loader = self._load_weight
         if bias:
             self.bias = Parameter(torch.empty(output_size, dtype=self.params_dtype),
@@ -86,11 +90,12 @@ class FlashCommRowParallelLinear(RowParallelLinear):
         ctx.register(idx, self.weight.data, prefix, self)
 
     def _load_weight(self, param: Parameter, loaded: torch.Tensor) -> None:
-        """Copy this rank's otp slice of the checkpoint's full [H, D] weight (skip if meta)."""
+        """Copy this rank's column block of the checkpoint's full [H, D] weight (skip if meta):
+        its odp group's D/otp columns, or under gather its own D/N."""
         if param.device.type == "meta":
             return
         cols = self.input_size_per_partition
-        param.data.copy_(loaded.narrow(1, self.otp_index * cols, cols))
+        param.data.copy_(loaded.narrow(1, self.col_block * cols, cols))
 
     def _load_bias(self, param: Parameter, loaded: torch.Tensor) -> None:
         """The bias [H] is not split."""

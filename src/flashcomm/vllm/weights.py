@@ -11,8 +11,10 @@ Sources:
   the row-parallel path reads a column view of it. No traffic.
 - `OwnerRing`: O-Shard's owner source (`ShardedSeries`). A non-owner holds no slice of a layer,
   so the ring turns on every step, row-parallel steps included: decode steps pay the broadcast.
-- `flashcomm.gathered.GatheredSeries` (shard_source=gather) has this interface as it is: resident
-  `[H, D/N]` slices, and an all-gather into the ring on FlashComm2 steps only.
+- `GatherRing`: shard_source=gather (`flashcomm.gathered.GatheredSeries`, whose prefetch/wait
+  take `full` as they are): every rank keeps only its own `[H, D/N]` columns, what stock TP
+  holds; FlashComm2 steps all-gather the odp group's `[H, D/otp]` into the ring, row-parallel
+  steps read the resident slice and move no weight byte.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, Protocol
 
 import torch
 
+from flashcomm.gathered import GatheredSeries
 from flashcomm.sharding import ShardedSeries
 
 
@@ -104,4 +107,38 @@ class OwnerRing:
 
     def stats(self) -> dict[str, Any] | None:
         """The series counters (bytes moved, waits, blocked time)."""
+        return self.series.stats().to_dict()
+
+
+class GatherRing:
+    """The gather source: this rank's resident `[H, D/N]` columns of every layer; a FlashComm2
+    step all-gathers `[H, D/otp]` into the ring; a row-parallel step reads the slice, no traffic."""
+
+    def __init__(self, series: GatheredSeries) -> None:
+        """`series`: the GatheredSeries on the odp group's fetch communicator."""
+        self.series = series
+
+    def register(self, layer_idx: int, weight: torch.Tensor) -> None:
+        """Layer i's own `[H, D/N]` columns, the parameter's storage (kept, not copied, when it
+        is laid out `[D/N, H]` as GatheredSeries stores it)."""
+        self.series.register(layer_idx, weight)
+
+    def finalize(self) -> None:
+        """Collective over the odp group: allocate the ring, gather the first k layers."""
+        self.series.finalize()
+
+    def prefetch(self, layer_idx: int, full: bool = True) -> None:
+        """FlashComm2 step: all-gather layer i+k into the ring; row-parallel step: nothing."""
+        self.series.prefetch(layer_idx, full)
+
+    def wait(self, layer_idx: int, full: bool = True) -> torch.Tensor:
+        """The gathered `[H, D/otp]` weight (full) or the resident `[H, D/N]` slice."""
+        return self.series.wait(layer_idx, full)
+
+    def resident_bytes(self) -> int:
+        """L * |W| / odp resident slices plus the k+1 ring slots of |W|."""
+        return self.series.stats().resident_bytes
+
+    def stats(self) -> dict[str, Any] | None:
+        """The series counters (bytes gathered, fetches, waits, blocked time)."""
         return self.series.stats().to_dict()

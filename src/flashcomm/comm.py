@@ -34,6 +34,7 @@ Gaussian activations and weights the measured relative Frobenius error of x @ W^
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -244,9 +245,12 @@ def _exchange(x: torch.Tensor, groups: ParallelGroups, int8: bool,
 def flashcomm2_o_proj(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                       groups: ParallelGroups, *, flashcomm1: bool,
                       comm_dtype: CommDtype | str = CommDtype.AUTO,
-                      counter: CommCounter | None = None) -> torch.Tensor:
+                      counter: CommCounter | None = None,
+                      linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                      ) -> torch.Tensor:
     """FlashComm2 o_proj: all-to-all before the projection; [T_pad/N, H] chunk (flashcomm1)
-    or [T, H] (flashcomm1 off), equal to row-parallel o_proj + all-reduce."""
+    or [T, H] (flashcomm1 off), equal to row-parallel o_proj + all-reduce. `linear(x, w)`
+    computes x @ w.T (default: the @ operator; the vLLM plugin passes its platform GEMM)."""
     layout = groups.layout
     if not layout.otp or groups.odp is None or groups.otp is None:
         raise ValueError("flashcomm2_o_proj: FlashComm2 is off in this layout "
@@ -263,7 +267,8 @@ def flashcomm2_o_proj(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     xp = pad_tokens(x, n)  # [T_pad, D/N]
     c = xp.shape[0] // n
     mine = _exchange(xp, groups, comm_dtype == CommDtype.INT8, counter)  # [otp*c, D/otp]
-    y = mine @ weight.t()  # [otp*c, H] partial over odp group's D/otp slice when otp > 1
+    # [otp*c, H] partial over odp group's D/otp slice when otp > 1
+    y = mine @ weight.t() if linear is None else linear(mine, weight)
     if otp > 1:
         _count(counter, "otp_reduce_scatter", (otp - 1) * c * _row_bytes(y))
         if c:

@@ -198,6 +198,10 @@ if __name__ == "__main__":
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per worker: no OMP spin contention
+    from flashcomm.launch import CPU_MALLOC_ENV
+
+    for var, value in CPU_MALLOC_ENV.items():  # the workers keep freed memory, as our ranks do
+        os.environ.setdefault(var, value)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
     raise SystemExit(main(parser.parse_args()))

@@ -35,16 +35,36 @@ from flashcomm.groups import ParallelGroups
 
 LIB = Library("flashcomm", "FRAGMENT")
 """Owns the op definitions; an op lives as long as its library object."""
+_MKLDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) \
+    if torch.backends.mkldnn.is_available() else None
 
 
 # ---- the two o_proj paths ---------------------------------------------------------------------
+
+
+ROW_COPY_MIN_TOKENS = 32
+"""From this T on, the CPU row-parallel path multiplies a transient contiguous copy of its
+columns with oneDNN (the copy costs less than MKL's slower GEMM); below, the strided view."""
+
+
+def gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ w [N, K]^T -> [M, N]. On CPU with a contiguous weight: oneDNN through torch's
+    mkldnn linear, the library vLLM's own CPU linears use (measured 2-2.4x faster than
+    F.linear's MKL sgemm at prefill sizes on the AMD EPYC dev machine, BENCHMARKS.md); else
+    F.linear (GPUs, strided views, other dtypes)."""
+    if (x.device.type == "cpu" and w.is_contiguous() and x.dtype == w.dtype
+            and x.dtype in (torch.float32, torch.bfloat16) and _MKLDNN_LINEAR is not None):
+        return _MKLDNN_LINEAR(x.contiguous(), w, None, "none", [], "")
+    return F.linear(x, w)
 
 
 def row_parallel(x: torch.Tensor, cols: torch.Tensor, bias: torch.Tensor | None,
                  tp: Any) -> torch.Tensor:
     """Stock's path: x [T, D/N] @ this rank's columns [H, D/N]^T, then vLLM's TP all-reduce
     (`tp` is vLLM's GroupCoordinator: SHM all-reduce on CPU, custom all-reduce on GPUs)."""
-    y = F.linear(x, cols)  # [T, H] partial sum over this rank's heads
+    if x.device.type == "cpu" and x.shape[0] >= ROW_COPY_MIN_TOKENS:
+        cols = cols.contiguous()  # transient [H, D/N], freed after the GEMM
+    y = gemm(x, cols)  # [T, H] partial sum over this rank's heads
     y = tp.all_reduce(y)  # [T, H]
     return y if bias is None else y + bias
 
@@ -68,12 +88,12 @@ def flashcomm2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     num_tokens, n = x.shape[0], tp.world_size
     if exchange == "vllm":
         xp = comm.pad_tokens(x, n)  # [T_pad, D/N]
-        chunk = exchange_all_gather(xp, tp) @ weight.t()  # [T_pad/N, H]
+        chunk = gemm(exchange_all_gather(xp, tp), weight)  # [T_pad/N, H]
         if bias is not None:
             chunk = chunk + bias
     else:
         chunk = comm.flashcomm2_o_proj(x, weight, bias, groups, flashcomm1=True,
-                                       comm_dtype=comm_dtype)  # [T_pad/N, H]
+                                       comm_dtype=comm_dtype, linear=gemm)  # [T_pad/N, H]
     if gather == "vllm":
         return tp.all_gather(chunk.contiguous(), dim=0)[:num_tokens]  # [T, H]
     return comm.all_gather_tokens(chunk, num_tokens, groups.tp)  # [T, H]

@@ -12,51 +12,33 @@ running the 4 prompts as one batch, 8 greedy tokens.
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-_VLLM = importlib.util.find_spec("vllm")
-if _VLLM is None or _VLLM.origin is None:  # origin None: only this tests/vllm directory
-    pytest.skip("vllm not installed; run make test-vllm", allow_module_level=True)
+# "vllm" alone would resolve to this tests/vllm directory when vLLM is not installed
+pytest.importorskip("vllm.config", reason="vllm not installed; run make test-vllm")
 
 HERE = Path(__file__).parent
 NUM_LAYERS = 3  # layer 0 dense (first_k_dense_replace=1), layers 1-2 MoE
 NEW_TOKENS = 8  # greedy tokens per prompt (the CPU MLA decode kernel is slow)
-FC2 = {"FLASHCOMM2_PARALLEL_SIZE": "1"}
-RUNS = {
-    "stock": {},
-    "fc2": FC2,
-    "fc2_oshard_k1": {**FC2, "FLASHCOMM_LAYER_SHARDING": "o_proj", "FLASHCOMM_PREFETCH_STEP": "1"},
-}
 
 
 def build_tiny_deepseek_v3(out: Path, seed: int = 0) -> Path:
     """A random fp32 DeepSeek-V3 (MLA with q_lora_rank, yarn RoPE, 8 routed experts in 2 groups,
     top-2, 1 shared expert, a random noaux_tc bias) with tiny_llama's word-level tokenizer."""
     import torch
-    from tiny_llama import WORDS
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, PreTrainedTokenizerFast
+    from tiny_llama import VOCAB_SIZE, save_word_tokenizer, widen_weights
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    out.mkdir(parents=True, exist_ok=True)
-    specials = ["<unk>", "<s>", "</s>"]
-    tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(specials + WORDS)},
-                                     unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(out)
+    save_word_tokenizer(out)
     torch.manual_seed(seed)
     yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 32.0,
             "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
             "original_max_position_embeddings": 64}
     cfg = DeepseekV3Config(
-        vocab_size=len(specials) + len(WORDS), hidden_size=128, intermediate_size=256,
+        vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=256,
         moe_intermediate_size=64, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
         topk_group=1, n_shared_experts=1, first_k_dense_replace=1, num_hidden_layers=NUM_LAYERS,
         num_attention_heads=4, num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=512,
@@ -65,10 +47,8 @@ def build_tiny_deepseek_v3(out: Path, seed: int = 0) -> Path:
         tie_word_embeddings=False,
         topk_method="noaux_tc", scoring_func="sigmoid")  # vLLM reads these (as DeepSeek writes)
     model = DeepseekV3ForCausalLM(cfg).to(torch.float32)
-    with torch.no_grad():  # larger weights than the default init so greedy tokens vary
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.1)
+    widen_weights(model)
+    with torch.no_grad():
         for layer in model.model.layers[1:]:
             layer.mlp.gate.e_score_correction_bias.normal_(0.0, 0.1)
     model.save_pretrained(out)
@@ -77,30 +57,14 @@ def build_tiny_deepseek_v3(out: Path, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    """Build the checkpoint, run every configuration in one vLLM subprocess, parse its JSON."""
+    """Build the checkpoint, run every configuration in one vLLM subprocess (eager)."""
     sys.path.insert(0, str(HERE))
-    tmp = tmp_path_factory.mktemp("vllm_mla")
-    model = build_tiny_deepseek_v3(tmp / "tiny_deepseek_v3")
-    out = tmp / "runs.json"
-    specs = {name: {"env": env, "eager": True, "tp": 2, "timeout": 150, "max_tokens": NEW_TOKENS}
-             for name, env in RUNS.items()}
-    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    for var in RUNS["fc2_oshard_k1"]:  # the parent's environment must not enable the plugin
-        env.pop(var, None)
-    log = tmp / "vllm.log"
-    with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, str(HERE / "run_vllm.py"), str(model), str(out),
-                               json.dumps(specs)], stdout=f, stderr=subprocess.STDOUT, env=env,
-                              timeout=480, cwd=tmp)
-    text = log.read_text()
-    tail = text[-4000:]
-    assert proc.returncode == 0 and out.exists(), f"run_vllm.py failed:\n{tail}"
-    assert "CPU_MLA" in text, f"vLLM did not pick its CPU MLA backend:\n{tail}"
-    results = json.loads(out.read_text())
-    assert set(results) == set(RUNS), f"missing runs:\n{tail}"
-    for name, res in results.items():
-        assert "error" not in res, f"{name}: {res.get('traceback')}\n{tail}"
+    from vllm_runs import STOCK_FC2_OSHARD, run_eager
+
+    results = run_eager(tmp_path_factory, build_tiny_deepseek_v3, STOCK_FC2_OSHARD,
+                        max_tokens=NEW_TOKENS)
+    text = results["stock"]["log"].read_text()
+    assert "CPU_MLA" in text, f"vLLM did not pick its CPU MLA backend:\n{text[-4000:]}"
     return results
 
 

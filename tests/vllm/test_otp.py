@@ -8,15 +8,13 @@ shard group is the pair of ranks holding the same otp slice."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
-_VLLM = importlib.util.find_spec("vllm")
-if _VLLM is None or _VLLM.origin is None:  # origin None: only this tests/vllm directory
-    pytest.skip("vllm not installed; run make test-vllm", allow_module_level=True)
+# "vllm" alone would resolve to this tests/vllm directory when vLLM is not installed
+pytest.importorskip("vllm.config", reason="vllm not installed; run make test-vllm")
 
 HERE = Path(__file__).parent
 NUM_LAYERS = 3

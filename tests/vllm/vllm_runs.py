@@ -11,6 +11,13 @@ from pathlib import Path
 from flashcomm.config import FlashCommConfig
 
 HERE = Path(__file__).parent
+FC2 = {"FLASHCOMM2_PARALLEL_SIZE": "1"}
+STOCK_FC2_OSHARD = {
+    "stock": {},
+    "fc2": FC2,
+    "fc2_oshard_k1": {**FC2, "FLASHCOMM_LAYER_SHARDING": "o_proj", "FLASHCOMM_PREFETCH_STEP": "1"},
+}
+"""Stock vLLM, FlashComm2, and FlashComm2 + O-Shard k=1: the plugin's basic comparison."""
 
 
 def run_instances(tmp: Path, model: Path, runs: dict[str, tuple[dict[str, str], bool]], *,
@@ -40,4 +47,16 @@ def run_instances(tmp: Path, model: Path, runs: dict[str, tuple[dict[str, str], 
     for name, res in results.items():
         res["report_dir"] = tmp / "report" / name
         res["log"] = log  # worker tracebacks (vLLM re-raises a generic error in the driver)
+    return results
+
+
+def run_eager(tmp_path_factory, build, runs: dict[str, dict[str, str]], max_tokens: int) -> dict:
+    """Write a checkpoint with `build(dir)`, then run_instances with every run eager (name ->
+    env) on it; each run must end without error."""
+    tmp = tmp_path_factory.mktemp(build.__name__)
+    model = build(tmp / "model")
+    results = run_instances(tmp, model, {name: (env, True) for name, env in runs.items()},
+                            timeout=150, max_tokens=max_tokens)
+    for name, res in results.items():
+        assert "error" not in res, f"{name}: {res.get('traceback')}"
     return results

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -86,9 +85,9 @@ def _plot(table: dict[str, dict[int, float]], rows: list[int], path: Path) -> No
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per worker: no OMP spin contention
+    from flashcomm.bench.vllm_prefill import set_cpu_worker_env
+
+    set_cpu_worker_env()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results/vllm_collectives")
     parser.add_argument("--model", help="checkpoint dir (default: a random 2-layer Llama)")

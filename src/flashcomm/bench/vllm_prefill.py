@@ -194,14 +194,20 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-if __name__ == "__main__":
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per worker: no OMP spin contention
+def set_cpu_worker_env() -> None:
+    """Defaults for vLLM CPU workers of a benchmark: no core binding, in-process engine, one
+    OpenMP thread per worker (no spin contention), freed memory kept as our ranks keep it."""
     from flashcomm.launch import CPU_MALLOC_ENV
 
-    for var, value in CPU_MALLOC_ENV.items():  # the workers keep freed memory, as our ranks do
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    for var, value in CPU_MALLOC_ENV.items():
         os.environ.setdefault(var, value)
+
+
+if __name__ == "__main__":
+    set_cpu_worker_env()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
     raise SystemExit(main(parser.parse_args()))

@@ -89,3 +89,19 @@ def test_gather_resident_bytes_and_fetch_counters(runs):
         assert s["fetches"] == fc2  # row-parallel (decode) steps fetch nothing
         assert s["bytes_received"] == s["bytes_sent"] == fc2 * W_BYTES // 2
         assert s["finalize_bytes_received"] == K * W_BYTES // 2  # the warm ring's first k layers
+
+
+def test_gemm_takes_the_transposed_slice_as_it_is():
+    """The resident slice and ring slots are [H, D/N] views of [D/N, H] storage: on CPU they go
+    to oneDNN without a copy, with the bits of the contiguous weight; a column narrow does not."""
+    import torch
+
+    from flashcomm.vllm import ops
+
+    torch.manual_seed(0)
+    kept = torch.randn(64, 96)  # [D/N, H] storage
+    x = torch.randn(4, 64)  # [T, D/N]
+    assert ops.dense(kept.t()) and not ops.dense(torch.randn(96, 128).narrow(1, 64, 64))
+    got = ops.gemm(x, kept.t())  # [T, H]
+    assert torch.equal(got, ops.gemm(x, kept.t().contiguous()))
+    torch.testing.assert_close(got, x @ kept)

@@ -44,15 +44,22 @@ _MKLDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) \
 
 ROW_COPY_MIN_TOKENS = 32
 """From this T on, the CPU row-parallel path multiplies a transient contiguous copy of its
-columns with oneDNN (the copy costs less than MKL's slower GEMM); below, the strided view."""
+columns with oneDNN (the copy costs less than MKL's slower GEMM); below, the strided view.
+A transposed view (the gather source's resident slices) goes to oneDNN as it is, no copy."""
+
+
+def dense(w: torch.Tensor) -> bool:
+    """Whether oneDNN takes `w` [N, K] as it is: contiguous, or the transposed view of a
+    contiguous [K, N] (same speed and bits on the dev machine); a column narrow is 100x+ slower."""
+    return w.is_contiguous() or w.t().is_contiguous()
 
 
 def gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ w [N, K]^T -> [M, N]. On CPU with a contiguous weight: oneDNN through torch's
+    """x [M, K] @ w [N, K]^T -> [M, N]. On CPU with a dense() weight: oneDNN through torch's
     mkldnn linear, the library vLLM's own CPU linears use (measured 2-2.4x faster than
     F.linear's MKL sgemm at prefill sizes on the AMD EPYC dev machine, BENCHMARKS.md); else
     F.linear (GPUs, strided views, other dtypes)."""
-    if (x.device.type == "cpu" and w.is_contiguous() and x.dtype == w.dtype
+    if (x.device.type == "cpu" and dense(w) and x.dtype == w.dtype
             and x.dtype in (torch.float32, torch.bfloat16) and _MKLDNN_LINEAR is not None):
         return _MKLDNN_LINEAR(x.contiguous(), w, None, "none", [], "")
     return F.linear(x, w)
@@ -62,7 +69,7 @@ def row_parallel(x: torch.Tensor, cols: torch.Tensor, bias: torch.Tensor | None,
                  tp: Any) -> torch.Tensor:
     """Stock's path: x [T, D/N] @ this rank's columns [H, D/N]^T, then vLLM's TP all-reduce
     (`tp` is vLLM's GroupCoordinator: SHM all-reduce on CPU, custom all-reduce on GPUs)."""
-    if x.device.type == "cpu" and x.shape[0] >= ROW_COPY_MIN_TOKENS:
+    if x.device.type == "cpu" and x.shape[0] >= ROW_COPY_MIN_TOKENS and not dense(cols):
         cols = cols.contiguous()  # transient [H, D/N], freed after the GEMM
     y = gemm(x, cols)  # [T, H] partial sum over this rank's heads
     y = tp.all_reduce(y)  # [T, H]

@@ -58,11 +58,15 @@ def test_gather_crossover_counts_the_fetch_compute_does_not_hide() -> None:
         g = Strategy("flashcomm2", 1, oshard_k=k, shard_source="gather")
         t = cm.crossover_tokens(prof, shape, g, Strategy())
         assert t is not None and t > plain
-        # at the threshold FlashComm2's comm + exposed fetch beats the all-reduce, just below not
+        # at the threshold k layers of compute hide the fetch and FlashComm2's comm beats the
+        # all-reduce; just below, one of the two fails
         for tokens, wins in ((t, True), (t - 1, False)):
+            hidden = cm.oshard_window_fits(prof, g, shape, tokens)[0]
             fc2 = cm.comm_time(prof, cm.layer_calls(g, shape, tokens))
-            fc2 += cm.exposed_fetch_s(prof, g, shape, tokens) / 80
-            assert (fc2 < cm.comm_time(prof, cm.layer_calls(Strategy(), shape, tokens))) == wins
+            base = cm.comm_time(prof, cm.layer_calls(Strategy(), shape, tokens))
+            assert (hidden and fc2 < base) == wins
+            assert hidden or cm.exposed_fetch_s(prof, g, shape, tokens) > 0
+        assert cm.exposed_fetch_s(prof, g, shape, t) == 0.0
 
 
 def test_plan_rows_report_fetch_per_phase_and_whether_it_is_hidden() -> None:

@@ -251,13 +251,16 @@ def crossover_tokens(
     profile: HardwareProfile, shape: Shape, fc2: Strategy, base: Strategy, max_tokens: int = 1 << 20
 ) -> int | None:
     """Smallest token count from which `fc2`'s per-layer comm beats `base`'s (None: not up to
-    max_tokens). Under the gather source only FlashComm2 steps fetch W_o, so the fetch time
-    compute does not hide counts against `fc2` (the owner ring turns on both paths alike)."""
+    max_tokens). Under the gather source only FlashComm2 steps fetch W_o, so such a step must
+    also hide its fetch behind compute (oshard_window_fits): the source exists so that decode,
+    whose window is one token's work, never waits for a weight; an exposed fetch the alpha-beta
+    model deems small is the least certain term of all. The owner ring turns on both paths."""
     gather = fc2.oshard_k is not None and fc2.shard_source == ShardSource.GATHER
 
     def wins(t: int) -> bool:
-        fetch = exposed_fetch_s(profile, fc2.fixed(), shape, t) / shape.layers if gather else 0.0
-        return (comm_time(profile, layer_calls(fc2, shape, t)) + fetch
+        if gather and not oshard_window_fits(profile, fc2.fixed(), shape, t)[0]:
+            return False
+        return (comm_time(profile, layer_calls(fc2, shape, t))
                 < comm_time(profile, layer_calls(base, shape, t)))
 
     if not wins(max_tokens):

@@ -13,7 +13,7 @@ import series_helpers as sh
 import torch
 import torch.distributed as dist
 
-from flashcomm.gathered import GatheredSeries
+from flashcomm.gathered import GatheredSeries, ResidentForm
 from flashcomm.groups import GroupHandle, ParallelGroups
 from flashcomm.launch import run_local
 from flashcomm.layout import ParallelLayout
@@ -132,6 +132,29 @@ def _misuse(h: GroupHandle, n: int) -> dict[str, str]:
     return out
 
 
+def _packed(h: GroupHandle, n: int) -> list[str]:
+    """A ResidentForm (here an exact x4 'layout'): row-parallel waits return the packed slice as
+    it is, FlashComm2 waits the plain gathered columns (each rank unpacks its own), and the
+    resident bytes stay the formula's."""
+    form = ResidentForm(pack=lambda w: (w * 4).contiguous(), unpack=lambda p: p / 4)
+    t, L, k, bad = dist.get_rank() % n, 3, 1, []
+    s = GatheredSeries("packed", h, k, layers=range(2, 2 + L))
+    for i in range(2, 2 + L):
+        s.register(i, _full(i, n, torch.float32)[:, t * DN:(t + 1) * DN].clone())
+    s.finalize(_post, form=form)
+    for kind in "FRRF":
+        for i in range(2, 2 + L):
+            s.prefetch(i, full=kind == "F")
+            w = _post(_full(i, n, torch.float32))
+            want = w if kind == "F" else 4 * w[:, t * DN:(t + 1) * DN]
+            if not sh.same_bits(s.wait(i, full=kind == "F"), want):
+                bad.append(f"rank {dist.get_rank()} {kind} wait({i}) returned other bits")
+    slice_b = H * DN * 4
+    if s.stats().resident_bytes != L * slice_b + (k + 1) * n * slice_b:
+        bad.append(f"resident bytes {s.stats().resident_bytes}")
+    return bad
+
+
 def _parallel_groups(rank: int, world: int) -> list[str]:
     """ParallelGroups.fetch: the odp ranks, the o_proj shard group itself when they agree."""
     layouts = [ParallelLayout(tp=world, otp=1)]
@@ -166,6 +189,7 @@ def _world_worker(rank: int, world: int) -> dict[str, object]:
         pairs = [dist.new_group(r, timeout=timedelta(seconds=30)) for r in ([0, 1], [2, 3])]
         sweeps["N=4 otp=2"] = _sweep(pairs[rank // 2], world)
     return {"sweeps": sweeps, "groups": _parallel_groups(rank, world),
+            "packed": _packed(full, world),
             "misuse": _misuse(full, world)}
 
 
@@ -175,6 +199,7 @@ def test_gathered_series(world: int) -> None:
     for rank, res in enumerate(results):
         sh.assert_sweeps_passed(res["sweeps"], rank, 5)
         assert not res["groups"], res["groups"]
+        assert not res["packed"], res["packed"]
         m = res["misuse"]
         assert "pass the real 2-D [H, D/N] tensor" in m["meta"], m["meta"]
         assert "layer 4 is already registered" in m["duplicate"]

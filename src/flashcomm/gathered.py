@@ -26,6 +26,11 @@ broadcasts into row blocks on gloo, as comm.py measured). wait() returns `[H, D/
 rank's own slice, so it must act per input column block (casts, transposes of the [H, D/N]
 slice), not over whole rows of W_o.
 
+A backend may keep the resident slices in its own GEMM layout (`ResidentForm`, e.g. the vLLM
+plugin's prepacked oneDNN weight on CPU): the row-parallel path then multiplies the packed slice
+as it is, and a FlashComm2 gather unpacks this rank's slice into its row block of the slot first.
+No plain copy is kept, so the memory formula holds.
+
 The group is the odp group on its own communicator (ParallelGroups.fetch), so the in-flight
 gather of layer i+k never queues behind layer i's all-to-all. CUDA ordering is ShardedSeries':
 slots are allocated once, NCCL orders the next gather into a slot after the o_proj that read
@@ -37,11 +42,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from flashcomm.sharding import LayerSeries, SeriesStats
+
+
+@dataclass(frozen=True)
+class ResidentForm:
+    """How the resident slices are kept when not as plain `[D/N, H]` tensors."""
+
+    pack: Callable[[torch.Tensor], torch.Tensor]
+    """A post-processed `[H, D/N]` slice -> the tensor kept (what wait(full=False) returns)."""
+    unpack: Callable[[torch.Tensor], torch.Tensor]
+    """The kept tensor -> the same `[H, D/N]` values as a plain tensor (for a gather)."""
 
 
 class GatheredSeries(LayerSeries):
@@ -56,6 +72,8 @@ class GatheredSeries(LayerSeries):
     """The kind of the pass in progress (set by each pass's first prefetch)."""
     _slice_bytes = 0
     """Bytes of one post-processed slice, |W| / G (set by finalize)."""
+    _form: ResidentForm | None = None
+    """The resident slices' packed form (None: plain `[D/N, H]`), set by finalize."""
 
     # ---- loading ---------------------------------------------------------------------------
 
@@ -76,9 +94,10 @@ class GatheredSeries(LayerSeries):
                              f"{weight.device.type})")
         self._registered[layer_idx] = weight.detach()
 
-    def finalize(self, post_process: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-        """Collective over the group: post-process each own slice, keep it transposed, allocate
-        the ring and gather layers start..start+k-1 into slots 0..k-1."""
+    def finalize(self, post_process: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 form: ResidentForm | None = None) -> None:
+        """Collective over the group: post-process each own slice, keep it transposed (or in
+        `form`), allocate the ring and gather layers start..start+k-1 into slots 0..k-1."""
         idx = self._check_registered()
         start, k = self._start, self.k
         self._device = self._device or self._registered[start].device
@@ -92,19 +111,22 @@ class GatheredSeries(LayerSeries):
                 raise ValueError(f"series {self.name!r}: post_process gave layer {i} "
                                  f"{tuple(out.shape)}; a slice must stay 2-D [H, D/N]")
             like = self._check_processed(i, out, like)
-            self._kept[i] = out.t().contiguous().to(self._device)  # [D/N, H]
+            out = out.to(self._device)
+            self._kept[i] = out.t().contiguous() if form is None else form.pack(out)  # [D/N, H]
             self._registered[i] = self._kept[i]  # drop the raw copy now
             self._note_peak(raw, out)
             del raw, out
         self._registered = {}
+        self._form = form
         first = self._kept[start]
         self._slice_bytes = first.numel() * first.element_size()
         G = self.group.size
         self._layer_bytes = G * self._slice_bytes
         self._init_ring()
         if self.group.group is not None:
-            rows, hidden = first.shape
-            self._slots = [first.new_empty((G * rows, hidden)) for _ in range(k + 1)]
+            rows, hidden = like.shape[::-1]  # [D/N, H]
+            self._slots = [torch.empty((G * rows, hidden), dtype=like.dtype, device=self._device)
+                           for _ in range(k + 1)]
             for p in range(k):  # the warm ring: windows 0..k-1 hold the first k layers
                 self._gather(start + p, p, sync=True)
                 self._finalize_received += (G - 1) * self._slice_bytes
@@ -143,11 +165,9 @@ class GatheredSeries(LayerSeries):
         if bool(full) != self._full:
             raise RuntimeError(self._mixed(layer_idx, full))
         self._end_wait()
-        if not full:
-            return self._kept[layer_idx].t()
-        if self.group.group is None:
-            self._reads += 1
-            return self._kept[layer_idx].t()
+        if self.group.group is None or not full:
+            self._reads += full  # G = 1: the resident slice is the whole FlashComm2 weight
+            return self._resident(layer_idx)
         slot = self._read_slot(layer_idx, "a skipped or extra FlashComm2 prefetch on this rank "
                                "shows up here")
         self._note_blocked(layer_idx, t0)
@@ -161,11 +181,18 @@ class GatheredSeries(LayerSeries):
 
     # ---- helpers ---------------------------------------------------------------------------
 
+    def _resident(self, layer_idx: int) -> torch.Tensor:
+        """This rank's kept slice of layer i as the row path multiplies it: `[H, D/N]`."""
+        kept = self._kept[layer_idx]
+        return kept.t() if self._form is None else kept
+
     def _gather(self, layer_idx: int, slot: int, sync: bool) -> None:
         """All-gather the members' slices of `layer_idx` into ring slot `slot` (row block p =
         member p's slice); async works are kept for the slot's wait."""
-        mine, buf, g = self._kept[layer_idx], self._slots[slot], self.group
-        rows = mine.shape[0]
+        buf, g = self._slots[slot], self.group
+        rows = buf.shape[0] // g.size
+        kept = self._kept[layer_idx]
+        mine = kept if self._form is None else self._form.unpack(kept).t()  # [D/N, H]
         if dist.get_backend(g.group) == "gloo":  # gloo: broadcasts beat its ring all-gather
             buf[g.rank * rows:(g.rank + 1) * rows].copy_(mine)
             works = [dist.broadcast(buf[p * rows:(p + 1) * rows], src=g.global_rank(p),
@@ -175,7 +202,8 @@ class GatheredSeries(LayerSeries):
                     w.wait()
                 works = []
         else:
-            work = dist.all_gather_into_tensor(buf, mine, group=g.group, async_op=not sync)
+            work = dist.all_gather_into_tensor(buf, mine.contiguous(), group=g.group,
+                                               async_op=not sync)
             works = [] if sync else [work]
         self._slot_work[slot] = works
 

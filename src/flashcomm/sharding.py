@@ -80,6 +80,9 @@ def _storage_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
     for t in tensors:
         if t is None or t.device.type == "meta":
             continue
+        if t.is_mkldnn:  # an opaque packed layout (oneDNN) has no storage to share
+            seen[("opaque", id(t))] = t.numel() * t.element_size()
+            continue
         s = t.untyped_storage()
         seen[(str(t.device), s.data_ptr())] = s.nbytes()
     return sum(seen.values())

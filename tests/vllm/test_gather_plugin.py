@@ -89,6 +89,9 @@ def test_gather_resident_bytes_and_fetch_counters(runs):
         assert s["fetches"] == fc2  # row-parallel (decode) steps fetch nothing
         assert s["bytes_received"] == s["bytes_sent"] == fc2 * W_BYTES // 2
         assert s["finalize_bytes_received"] == K * W_BYTES // 2  # the warm ring's first k layers
+        # on CPU the resident slices are oneDNN's prepacked weights (as stock keeps its
+        # linears) and the parameters' plain copies are gone: no second copy of any slice
+        assert w["packed_slices"] is True and w["o_proj_param_bytes"] == 0
 
 
 def test_gemm_takes_the_transposed_slice_as_it_is():
@@ -105,3 +108,26 @@ def test_gemm_takes_the_transposed_slice_as_it_is():
     got = ops.gemm(x, kept.t())  # [T, H]
     assert torch.equal(got, ops.gemm(x, kept.t().contiguous()))
     torch.testing.assert_close(got, x @ kept)
+
+
+def test_packed_form_round_trips_and_multiplies_like_the_plain_slice():
+    """ops.onednn_form on CPU: the packed slice multiplies like the plain slice through gemm
+    (bit for bit from T = 4, where oneDNN picks the same kernel; T = 1 may sum in another
+    order), and unpacks to the same values for a gather."""
+    import torch
+
+    from flashcomm.vllm import ops
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        kept = torch.randn(64, 96).to(dtype)  # [D/N, H] storage
+        form = ops.onednn_form(kept)
+        assert form is not None
+        packed = form.pack(kept.t())  # [H, D/N] in oneDNN's layout
+        assert packed.is_mkldnn and torch.equal(form.unpack(packed), kept.t())
+        for tokens in (1, 4, 40):
+            x = torch.randn(tokens, 64).to(dtype)
+            got, plain = ops.gemm(x, packed), ops.gemm(x, kept.t().contiguous())
+            torch.testing.assert_close(got, plain)
+            assert tokens == 1 or torch.equal(got, plain)
+    assert ops.onednn_form(torch.zeros(2, 2, dtype=torch.float64)) is None

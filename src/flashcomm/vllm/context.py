@@ -93,6 +93,8 @@ class VllmFlashComm:
     registered: dict[int, int] = field(default_factory=dict)
     """o_proj layer index -> |W|, bytes of its FlashComm2 weight [H, D/otp] (under gather
     the layer holds only its D/N columns of it)."""
+    modules: dict[int, Any] = field(default_factory=dict, repr=False)
+    """o_proj layer index -> its FlashComm o_proj module."""
     loaded: set[int] = field(default_factory=set)
     """o_proj layers whose post-load hook ran."""
     sealed: bool = False
@@ -194,7 +196,9 @@ class VllmFlashComm:
             width = d_otp // self.cfg.odp
             offset = self.groups.tp.rank % self.cfg.odp * width  # this rank's own heads
             if gather:
-                self.weights = GatherRing(self.series)
+                from flashcomm.vllm.ops import onednn_form  # registers the ops: workers only
+
+                self.weights = GatherRing(self.series, onednn_form(weight))
             elif self.series is not None:
                 self.weights = OwnerRing(self.series, offset, width)
             else:
@@ -202,6 +206,7 @@ class VllmFlashComm:
             self.o_proj_shape, self.dtype = (weight.shape[0], d_otp), weight.dtype
         self.weights.register(layer_idx, weight)
         self.static_layers[name] = layer
+        self.modules[layer_idx] = layer
         self.registered[layer_idx] = (self.o_proj_shape[0] * self.o_proj_shape[1]
                                       * weight.element_size())
 
@@ -213,6 +218,9 @@ class VllmFlashComm:
             return
         self.sealed = True
         self.weights.finalize()
+        if self.weights.form is not None:
+            for layer in self.modules.values():  # the packed slices replace the plain ones
+                layer.weight.data = layer.weight.data.new_empty(0)
         from flashcomm.vllm.fit import choose_impl, resolve_auto
 
         self.impl, self.impl_seconds = choose_impl(self)
@@ -269,6 +277,8 @@ class VllmFlashComm:
             "o_proj_layers": sorted(self.registered),
             "layer_bytes": next(iter(self.registered.values()), 0),
             "resident_o_proj_bytes": self.resident_o_proj_bytes(),
+            "o_proj_param_bytes": sum(m.weight.nbytes for m in self.modules.values()),
+            "packed_slices": self.weights is not None and self.weights.form is not None,
             "flashcomm2_min_tokens": self.min_tokens,
             "auto": self.auto,
             "impl": self.impl,

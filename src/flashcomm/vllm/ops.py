@@ -31,6 +31,7 @@ from torch.library import Library
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from flashcomm import comm
+from flashcomm.gathered import ResidentForm
 from flashcomm.groups import ParallelGroups
 
 LIB = Library("flashcomm", "FRAGMENT")
@@ -54,22 +55,44 @@ def dense(w: torch.Tensor) -> bool:
     return w.is_contiguous() or w.t().is_contiguous()
 
 
+def _onednn(t: torch.Tensor) -> bool:
+    """Whether oneDNN's linear can multiply with `t`'s device and dtype."""
+    return (_MKLDNN_LINEAR is not None and t.device.type == "cpu"
+            and t.dtype in (torch.float32, torch.bfloat16))
+
+
 def gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ w [N, K]^T -> [M, N]. On CPU with a dense() weight: oneDNN through torch's
-    mkldnn linear, the library vLLM's own CPU linears use (measured 2-2.4x faster than
-    F.linear's MKL sgemm at prefill sizes on the AMD EPYC dev machine, BENCHMARKS.md); else
-    F.linear (GPUs, strided views, other dtypes)."""
-    if (x.device.type == "cpu" and dense(w) and x.dtype == w.dtype
-            and x.dtype in (torch.float32, torch.bfloat16) and _MKLDNN_LINEAR is not None):
+    """x [M, K] @ w [N, K]^T -> [M, N]. On CPU with a dense() or prepacked weight: oneDNN
+    through torch's mkldnn linear, the library vLLM's own CPU linears use (measured 2-2.4x
+    faster than F.linear's MKL sgemm at prefill sizes on the AMD EPYC dev machine,
+    BENCHMARKS.md); else F.linear (GPUs, strided views, other dtypes)."""
+    if w.is_mkldnn or (_onednn(x) and x.dtype == w.dtype and dense(w)):
         return _MKLDNN_LINEAR(x.contiguous(), w, None, "none", [], "")
     return F.linear(x, w)
+
+
+PACK_BATCH_HINT = 4
+"""The token count oneDNN picks a packed layout for: decode's, the only steps that read the
+packed slice in the steady state (the layout is valid, and the bits the same, at any T)."""
+
+
+def onednn_form(like: torch.Tensor) -> ResidentForm | None:
+    """The gather source's resident slices kept as oneDNN's prepacked weight on CPU, as stock
+    vLLM keeps its linears: a decode o_proj then costs what stock's does (a plain slice is
+    reordered by oneDNN on every call, 2-3x the GEMM at T = 4); None elsewhere (GPUs)."""
+    if not _onednn(like):
+        return None
+    return ResidentForm(
+        pack=lambda w: torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PACK_BATCH_HINT),
+        unpack=lambda p: p.to_dense())
 
 
 def row_parallel(x: torch.Tensor, cols: torch.Tensor, bias: torch.Tensor | None,
                  tp: Any) -> torch.Tensor:
     """Stock's path: x [T, D/N] @ this rank's columns [H, D/N]^T, then vLLM's TP all-reduce
     (`tp` is vLLM's GroupCoordinator: SHM all-reduce on CPU, custom all-reduce on GPUs)."""
-    if x.device.type == "cpu" and x.shape[0] >= ROW_COPY_MIN_TOKENS and not dense(cols):
+    if (x.device.type == "cpu" and x.shape[0] >= ROW_COPY_MIN_TOKENS and not cols.is_mkldnn
+            and not dense(cols)):
         cols = cols.contiguous()  # transient [H, D/N], freed after the GEMM
     y = gemm(x, cols)  # [T, H] partial sum over this rank's heads
     y = tp.all_reduce(y)  # [T, H]

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import torch
 
-from flashcomm.gathered import GatheredSeries
+from flashcomm.gathered import GatheredSeries, ResidentForm
 from flashcomm.sharding import ShardedSeries
 
 
@@ -32,6 +32,9 @@ class OProjWeights(Protocol):
 
     def prefetch(self, layer_idx: int, full: bool = True) -> None:
         """Layer i begins: start fetching what wait(i, full) will return (may do nothing)."""
+
+    form: ResidentForm | None
+    """The resident slices' packed form (GatherRing on CPU), else None: plain tensors."""
 
     def wait(self, layer_idx: int, full: bool = True) -> torch.Tensor:
         """Layer i's `[H, D/otp]` weight (full) or this rank's `[H, D/N]` columns (not full)."""
@@ -44,6 +47,9 @@ def own_columns(weight: torch.Tensor, offset: int, width: int) -> torch.Tensor:
 
 class ResidentWeights:
     """Every layer's FlashComm2 weight stays resident; row-parallel steps read a column view."""
+
+    form: ResidentForm | None = None
+    """Plain tensors: nothing packed."""
 
     def __init__(self, offset: int, width: int) -> None:
         """`offset`, `width`: this rank's D/N columns inside the `[H, D/otp]` weight."""
@@ -80,6 +86,9 @@ class OwnerRing:
     """O-Shard's owner source: layer i lives on shard-group member i mod G and is broadcast into
     the ring for every step; row-parallel steps slice their columns out of the fetched weight."""
 
+    form: ResidentForm | None = None
+    """Plain tensors: nothing packed."""
+
     def __init__(self, series: ShardedSeries, offset: int, width: int) -> None:
         """`offset`, `width`: this rank's D/N columns inside the `[H, D/otp]` weight."""
         self.series, self.offset, self.width = series, offset, width
@@ -114,18 +123,21 @@ class GatherRing:
     """The gather source: this rank's resident `[H, D/N]` columns of every layer; a FlashComm2
     step all-gathers `[H, D/otp]` into the ring; a row-parallel step reads the slice, no traffic."""
 
-    def __init__(self, series: GatheredSeries) -> None:
-        """`series`: the GatheredSeries on the odp group's fetch communicator."""
-        self.series = series
+    def __init__(self, series: GatheredSeries, form: ResidentForm | None = None) -> None:
+        """`series`: the GatheredSeries on the odp group's fetch communicator; `form`: the
+        resident slices' packed form (ops.onednn_form), None for plain `[D/N, H]`."""
+        self.series, self.form = series, form
 
     def register(self, layer_idx: int, weight: torch.Tensor) -> None:
         """Layer i's own `[H, D/N]` columns, the parameter's storage (kept, not copied, when it
-        is laid out `[D/N, H]` as GatheredSeries stores it)."""
+        is laid out `[D/N, H]` as GatheredSeries stores it; with a form, packed at finalize and
+        the parameter emptied by the caller)."""
         self.series.register(layer_idx, weight)
 
     def finalize(self) -> None:
-        """Collective over the odp group: allocate the ring, gather the first k layers."""
-        self.series.finalize()
+        """Collective over the odp group: pack the slices (if a form), allocate the ring,
+        gather the first k layers."""
+        self.series.finalize(form=self.form)
 
     def prefetch(self, layer_idx: int, full: bool = True) -> None:
         """FlashComm2 step: all-gather layer i+k into the ring; row-parallel step: nothing."""

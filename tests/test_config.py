@@ -6,7 +6,8 @@ import argparse
 
 import pytest
 
-from flashcomm.config import ConfigError, FlashCommConfig
+from flashcomm.config import FlashCommConfig
+from flashcomm.knobs import ConfigError
 
 
 def _bad(match: str, cfg: FlashCommConfig | None = None, world: int | None = None, **kw) -> None:

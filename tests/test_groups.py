@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from flashcomm.config import ConfigError, FlashCommConfig
+from flashcomm.config import FlashCommConfig
 from flashcomm.groups import ParallelGroups
+from flashcomm.knobs import ConfigError
 from flashcomm.launch import run_local
 from flashcomm.layout import ParallelLayout
 

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flashcomm.config import ConfigError, FlashCommConfig
+from flashcomm.config import FlashCommConfig
+from flashcomm.knobs import ConfigError
 from flashcomm.layout import ParallelLayout
 
 

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "flashcomm.config": ("FlashCommConfig", "FlashCommError", "ConfigError", "AttnOut",
-                         "CommDtype", "ShardSource"),
+    "flashcomm.knobs": ("FlashCommError", "ConfigError"),
+    "flashcomm.config": ("FlashCommConfig", "AttnOut", "CommDtype", "ShardSource"),
     "flashcomm.layout": ("ParallelLayout",),
     "flashcomm.groups": ("ParallelGroups", "GroupHandle"),
     "flashcomm.comm": ("flashcomm2_o_proj", "row_parallel_o_proj", "CommCounter"),
@@ -32,16 +32,10 @@ __all__ = [  # every name of _EXPORTS (a test checks both lists agree)
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports lazily
     from flashcomm.comm import CommCounter, flashcomm2_o_proj, row_parallel_o_proj
-    from flashcomm.config import (
-        AttnOut,
-        CommDtype,
-        ConfigError,
-        FlashCommConfig,
-        FlashCommError,
-        ShardSource,
-    )
+    from flashcomm.config import AttnOut, CommDtype, FlashCommConfig, ShardSource
     from flashcomm.gathered import GatheredSeries
     from flashcomm.groups import GroupHandle, ParallelGroups
+    from flashcomm.knobs import ConfigError, FlashCommError
     from flashcomm.launch import RankFailure, init_distributed, run_local
     from flashcomm.layout import ParallelLayout
     from flashcomm.sharding import SeriesStats, ShardedSeries

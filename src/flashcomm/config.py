@@ -1,8 +1,8 @@
-"""The knobs of flashcomm, their parsing (CLI, environment, JSON) and their validation.
+"""The knobs of flashcomm, their options and their validation.
 
-Each knob is one dataclass field of `FlashCommConfig`; its metadata (`Knob`) names its CLI flag
-and environment variable and how a string becomes a value, so flags, environment, JSON keys and
-error messages are all derived from that one definition.
+Each knob is one dataclass field of `FlashCommConfig`; its metadata (`knobs.Knob`) names its CLI
+flag and environment variable and how a string becomes a value, so flags, environment, JSON keys
+and error messages are all derived from that one definition.
 
 Everything here is pure Python: a configuration is checked before any process group or
 collective exists, so a bad value fails on every rank with the same message instead of hanging.
@@ -13,26 +13,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any
+
+from flashcomm.knobs import (
+    AUTO,
+    ConfigError,
+    Knob,
+    MinTokens,
+    enum_parser,
+    knob,
+    parse_bool,
+    parse_int,
+    parse_min_tokens,
+    parse_names,
+    parse_partition,
+    parse_str,
+)
 
 # Weights that can be layer-sharded: the replicated projections of FlashComm2-style layouts.
 # o_proj is FlashComm2's replicated output projection; q_b_proj / kv_b_proj are MLA's (DeepSeek)
 # replicated up-projections, kept for library users with such models.
 SHARDABLE_WEIGHTS = ("o_proj", "q_b_proj", "kv_b_proj")
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
-
-
-class FlashCommError(Exception):
-    """Base of every error flashcomm reports to a user: the message names the knob or file."""
-
-
-class ConfigError(FlashCommError, ValueError):
-    """A configuration value is not allowed; the message names the knob, the value and the rule."""
 
 
 class AttnOut(StrEnum):
@@ -62,118 +66,6 @@ class ShardSource(StrEnum):
     """Layer i lives on shard-group member i mod G and is broadcast from it (original O-Shard)."""
     GATHER = "gather"
     """Every rank keeps its row-parallel D/N slice; FlashComm2 steps all-gather the W_o."""
-
-
-AUTO = "auto"
-"""flashcomm2_min_tokens=auto: the threshold comes from the cost model at start-up."""
-MinTokens = int | Literal["auto"] | None
-"""flashcomm2_min_tokens: a threshold, 'auto', or None (FlashComm2 never: what 'auto' resolves to
-when the cost model finds no crossover)."""
-
-
-@dataclass(frozen=True)
-class Knob:
-    """How one FlashCommConfig field is spelled outside Python."""
-
-    flag: str | None
-    """CLI flag (None: not a flag)."""
-    env: str | None
-    """Environment variable (None: not read from the environment)."""
-    help: str
-    """One line for --help."""
-    parse: Callable[[str, Any], Any]
-    """(knob name, raw value) -> typed value; raises ConfigError naming the knob."""
-    parallel_size: bool = False
-    """tp/pp/dp: commands that derive them from --nproc leave the flag out."""
-
-
-def knob(default: Any, *, flag: str | None = None, env: str | None = None, help: str,
-         parse: Callable[[str, Any], Any], parallel_size: bool = False) -> Any:
-    """A dataclass field carrying its Knob metadata."""
-    return field(default=default,
-                 metadata={"knob": Knob(flag, env, help, parse, parallel_size)})
-
-
-# ---- parsers: (knob, raw) -> value ------------------------------------------------------------
-
-
-def parse_int(knob: str, value: Any) -> int:
-    """An int from an int or a numeric string; ConfigError naming `knob` otherwise."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{knob}={value!r}: expected an integer")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            pass
-    raise ConfigError(f"{knob}={value!r}: expected an integer")
-
-
-def parse_bool(knob: str, value: Any) -> bool:
-    """A bool from a bool, 0/1 or a word such as on/off; ConfigError naming `knob` otherwise."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
-    raise ConfigError(f"{knob}={value!r}: expected a boolean (1/0, true/false, on/off)")
-
-
-def _parse_names(knob: str, value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("["):
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{knob}={value!r}: not a valid JSON list ({e})") from None
-        else:
-            return tuple(n.strip() for n in text.split(",") if n.strip())
-    if isinstance(value, list | tuple) and all(isinstance(n, str) for n in value):
-        return tuple(value)
-    raise ConfigError(f"{knob}={value!r}: expected a list of weight names from {SHARDABLE_WEIGHTS}")
-
-
-def _enum(cls: type[StrEnum]) -> Callable[[str, Any], StrEnum]:
-    def parse(knob: str, value: Any) -> StrEnum:
-        try:
-            return cls(value.strip().lower() if isinstance(value, str) else value)
-        except ValueError:
-            allowed = [m.value for m in cls]
-            raise ConfigError(f"{knob}={value!r}: allowed values are {allowed}") from None
-    return parse
-
-
-def parse_min_tokens(knob: str, value: Any) -> MinTokens:
-    """An int >= 0, 'auto', or None (never; only from Python or JSON null)."""
-    if value is None:
-        return None
-    if isinstance(value, str) and value.strip().lower() == AUTO:
-        return AUTO
-    n = parse_int(knob, value)
-    if n < 0:
-        raise ConfigError(f"{knob}={n}: must be >= 0 (0 = every step takes FlashComm2) or 'auto'")
-    return n
-
-
-def _parse_partition(knob: str, value: Any) -> tuple[int, ...]:
-    if isinstance(value, str):
-        value = [v for v in value.replace(" ", "").split(",") if v] if value.strip() else []
-    if not isinstance(value, list | tuple):
-        raise ConfigError(f"{knob}={value!r}: expected comma-separated layer counts, e.g. 4,3")
-    counts = tuple(parse_int(knob, v) for v in value)
-    if any(c < 1 for c in counts):
-        raise ConfigError(f"{knob}={','.join(map(str, counts))}: every stage needs >= 1 layer")
-    return counts
-
-
-def _parse_str(knob: str, value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{knob}={value!r}: expected a non-empty string")
-    return value.strip()
 
 
 # ---- the knobs ----------------------------------------------------------------------------------
@@ -208,12 +100,12 @@ class FlashCommConfig:
     resolves it from the cost model and a hardware profile at start-up."""
     layer_sharding: tuple[str, ...] = knob(
         (), flag="--layer-sharding", env="FLASHCOMM_LAYER_SHARDING",
-        help=f"comma-separated weight names from {SHARDABLE_WEIGHTS}", parse=_parse_names)
+        help=f"comma-separated weight names from {SHARDABLE_WEIGHTS}", parse=parse_names)
     """Weight names stored on one rank of their shard group and fetched just in time."""
     shard_source: ShardSource = knob(
         ShardSource.OWNER, flag="--shard-source", env="FLASHCOMM_SHARD_SOURCE",
         help="layer-sharded W_o source: owner (broadcast) or gather (resident TP slices)",
-        parse=_enum(ShardSource))
+        parse=enum_parser(ShardSource))
     """Where a layer-sharded FlashComm2 W_o comes from (see ShardSource)."""
     prefetch_step: int = knob(1, flag="--prefetch-step", env="FLASHCOMM_PREFETCH_STEP",
                               help="layer-sharding prefetch distance k (0 <= k <= L-2)",
@@ -221,7 +113,7 @@ class FlashCommConfig:
     """k: how many layers ahead the layer-sharding ring prefetches (0 <= k <= L-2)."""
     comm_dtype: CommDtype = knob(CommDtype.AUTO, flag="--comm-dtype", env="FLASHCOMM_COMM_DTYPE",
                                  help="FlashComm2 all-to-all payload: auto or int8",
-                                 parse=_enum(CommDtype))
+                                 parse=enum_parser(CommDtype))
     """Payload dtype of the FlashComm2 all-to-all."""
     expert_parallel: bool = knob(False, flag="--expert-parallel", env="FLASHCOMM_EXPERT_PARALLEL",
                                  help="MoE: each TP rank holds E/N whole experts (all-to-all "
@@ -232,12 +124,12 @@ class FlashCommConfig:
     pp_layer_partition: tuple[int, ...] = knob(
         (), flag="--pp-layer-partition", env="VLLM_PP_LAYER_PARTITION",
         help="layers per pipeline stage, e.g. 4,3 (default: vLLM's even split)",
-        parse=_parse_partition)
+        parse=parse_partition)
     """Layers of each pipeline stage, overriding the even split (vLLM's own variable)."""
     profile: str = knob("fit", flag="--profile", env="FLASHCOMM_PROFILE",
                         help="hardware profile for flashcomm2_min_tokens=auto: 'fit' (measure at "
                         "start-up), a shipped name (h100-nvlink, pcie-gen4) or a JSON file",
-                        parse=_parse_str)
+                        parse=parse_str)
     """Collective costs that resolve flashcomm2_min_tokens='auto'."""
 
     @property
@@ -453,7 +345,7 @@ def strategy_config(cfg: FlashCommConfig, attn_out: str | None, nproc: int) -> F
     stages times cfg.dp replicas of tp = nproc / (pp*dp) TP ranks; flashcomm2 and auto imply
     otp >= 1, auto sets flashcomm2_min_tokens."""
     if attn_out is not None:
-        attn_out = _enum(AttnOut)("attn_out", attn_out)
+        attn_out = enum_parser(AttnOut)("attn_out", attn_out)
     if nproc < 1:
         raise ConfigError(f"nproc={nproc}: must be >= 1")
     for name in ("pp", "dp"):

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from flashcomm.config import FlashCommError
+from flashcomm.knobs import FlashCommError
 
 DEFAULT_GROUP_TIMEOUT_S = 60.0
 DEFAULT_GRACE_S = 3.0

@@ -18,7 +18,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from flashcomm.config import ConfigError, FlashCommConfig
+from flashcomm.config import FlashCommConfig
+from flashcomm.knobs import ConfigError
 
 
 def stage_layers(num_layers: int, pp: int, partition: tuple[int, ...] = ()) -> list[range]:

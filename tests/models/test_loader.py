@@ -79,7 +79,7 @@ def test_bad_checkpoint_fails_on_every_rank_without_hanging(bad_checkpoints) -> 
 
 
 def test_prefetch_step_out_of_range_is_a_config_error(hf_checkpoints) -> None:
-    from flashcomm.config import ConfigError
+    from flashcomm.knobs import ConfigError
     from flashcomm.models.loader import check_strategy
     from flashcomm.models.transformer import ModelArgs
 

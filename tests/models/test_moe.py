@@ -21,7 +21,8 @@ import torch
 from conftest import PROMPTS, prefill_logits, run_per_strategy
 from safetensors.torch import load_file, save_file
 
-from flashcomm.config import ConfigError, FlashCommConfig
+from flashcomm.config import FlashCommConfig
+from flashcomm.knobs import ConfigError
 from flashcomm.layout import ParallelLayout
 from flashcomm.models.args import CheckpointError, ModelArgs
 from flashcomm.models.engine import Engine

@@ -17,8 +17,9 @@ import torch
 from conftest import PROMPTS
 
 from flashcomm import cli
-from flashcomm.config import ConfigError, FlashCommConfig
+from flashcomm.config import FlashCommConfig
 from flashcomm.groups import ParallelGroups
+from flashcomm.knobs import ConfigError
 from flashcomm.layout import ParallelLayout, stage_layers
 from flashcomm.models import pipeline
 from flashcomm.models.args import ModelArgs

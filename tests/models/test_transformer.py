@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import HF_MODELS, PROMPTS, prefill_logits
 
-from flashcomm.config import ConfigError, FlashCommConfig
+from flashcomm.config import FlashCommConfig
+from flashcomm.knobs import ConfigError
 from flashcomm.models.engine import Engine
 from flashcomm.models.transformer import CheckpointError, ModelArgs, Step, TPPlan, rope_inv_freq
 
@@ -122,7 +123,7 @@ def test_model_step_builds_rope_and_masks_once(hf_checkpoints) -> None:
 def test_tp_context_is_frozen_and_takes_a_resolved_threshold() -> None:
     from dataclasses import FrozenInstanceError
 
-    from flashcomm.config import ConfigError
+    from flashcomm.knobs import ConfigError
     from flashcomm.models.transformer import TPContext
 
     ctx = TPContext(FlashCommConfig(tp=2, flashcomm2_otp=1, flashcomm2_min_tokens=8))

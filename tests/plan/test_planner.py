@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from flashcomm.config import ConfigError
+from flashcomm.knobs import ConfigError
 from flashcomm.models.args import ModelArgs
 from flashcomm.plan.costmodel import HardwareProfile
 from flashcomm.plan.planner import GIB, make_plan

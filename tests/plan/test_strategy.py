@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from flashcomm.config import AttnOut, CommDtype, ConfigError, FlashCommConfig, ShardSource
+from flashcomm.config import AttnOut, CommDtype, FlashCommConfig, ShardSource
+from flashcomm.knobs import ConfigError
 from flashcomm.plan.strategy import Strategy, candidates
 
 

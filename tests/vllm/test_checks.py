@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from flashcomm.config import ConfigError, FlashCommConfig
+from flashcomm.config import FlashCommConfig
+from flashcomm.knobs import ConfigError
 
 # "vllm" alone would resolve to this tests/vllm directory when vLLM is not installed
 pytest.importorskip("vllm.config", reason="vllm not installed; run make test-vllm")

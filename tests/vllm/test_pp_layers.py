@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flashcomm.config import ConfigError
+from flashcomm.knobs import ConfigError
 from flashcomm.layout import stage_layers
 
 # "vllm" alone would resolve to this tests/vllm directory when vLLM is not installed

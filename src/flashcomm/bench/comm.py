@@ -33,8 +33,9 @@ from flashcomm.comm import (
     reduce_scatter_tokens,
     row_parallel_o_proj,
 )
-from flashcomm.config import AttnOut, CommDtype, ConfigError
+from flashcomm.config import AttnOut, CommDtype
 from flashcomm.groups import GroupHandle, ParallelGroups
+from flashcomm.knobs import ConfigError
 from flashcomm.launch import run_local
 from flashcomm.layout import ParallelLayout
 from flashcomm.plan.costmodel import Shape, attn_out_calls, counted_bytes

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from flashcomm.config import AttnOut, CommDtype, ConfigError, ShardSource
+from flashcomm.config import AttnOut, CommDtype, ShardSource
+from flashcomm.knobs import ConfigError
 from flashcomm.models.args import ModelArgs
 from flashcomm.models.random_checkpoint import (
     cached_checkpoint,

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from flashcomm.config import ConfigError
 from flashcomm.groups import GroupHandle
+from flashcomm.knobs import ConfigError
 from flashcomm.launch import run_local
 from flashcomm.sharding import ShardedSeries
 

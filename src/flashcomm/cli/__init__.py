@@ -14,7 +14,7 @@ import argparse
 import importlib
 import sys
 
-from flashcomm.config import FlashCommError
+from flashcomm.knobs import FlashCommError
 
 # subcommand -> (module implementing add_arguments(parser) and main(args) -> int, help)
 COMMANDS = {

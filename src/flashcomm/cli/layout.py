@@ -8,7 +8,8 @@ import argparse
 import json
 from pathlib import Path
 
-from flashcomm.config import ConfigError, FlashCommConfig, parse_int
+from flashcomm.config import FlashCommConfig
+from flashcomm.knobs import ConfigError, parse_int
 from flashcomm.layout import ParallelLayout
 from flashcomm.plan.stages import format_stages, layer_bytes, stage_memory
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from flashcomm.config import FlashCommConfig, parse_int
+from flashcomm.config import FlashCommConfig
+from flashcomm.knobs import parse_int
 from flashcomm.models.args import ModelArgs
 from flashcomm.models.random_checkpoint import demo_checkpoint
 from flashcomm.plan.auto import load_profile

@@ -15,7 +15,8 @@ import json
 import os
 from pathlib import Path
 
-from flashcomm.config import AttnOut, ConfigError, FlashCommConfig, parse_int, strategy_config
+from flashcomm.config import AttnOut, FlashCommConfig, strategy_config
+from flashcomm.knobs import ConfigError, parse_int
 from flashcomm.models.engine import RequestError, check_request
 from flashcomm.models.launcher import DTYPES, RunSpec, run_spec, under_torchrun
 from flashcomm.models.loader import preflight

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flashcomm import comm
-from flashcomm.config import ConfigError
+from flashcomm.knobs import ConfigError
 from flashcomm.models.args import ModelArgs
 from flashcomm.models.moe import Expert, MoEFeedForward
 

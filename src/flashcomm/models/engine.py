@@ -19,8 +19,9 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from flashcomm.comm import CommCounter
-from flashcomm.config import FlashCommConfig, FlashCommError
+from flashcomm.config import FlashCommConfig
 from flashcomm.groups import ParallelGroups
+from flashcomm.knobs import FlashCommError
 from flashcomm.models import pipeline
 from flashcomm.models.args import ModelArgs
 from flashcomm.models.loader import LoadReport, load_model

@@ -22,9 +22,10 @@ from torch import Tensor
 from tqdm import tqdm
 
 from flashcomm.comm import CommCounter
-from flashcomm.config import ConfigError, FlashCommConfig
+from flashcomm.config import FlashCommConfig
 from flashcomm.gathered import GatheredSeries
 from flashcomm.groups import ParallelGroups
+from flashcomm.knobs import ConfigError
 from flashcomm.models.deepseek_moe import deepseek_moe_tensors
 from flashcomm.models.mla import mla_tensors
 from flashcomm.models.moe import MOE_TENSOR_NAMES

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flashcomm import comm
-from flashcomm.config import ConfigError
 from flashcomm.groups import GroupHandle
+from flashcomm.knobs import ConfigError
 from flashcomm.models.args import ModelArgs
 
 if TYPE_CHECKING:

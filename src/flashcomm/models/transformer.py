@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flashcomm import comm
-from flashcomm.config import AUTO, ConfigError, FlashCommConfig
+from flashcomm.config import FlashCommConfig
 from flashcomm.gathered import GatheredSeries
 from flashcomm.groups import GroupHandle, ParallelGroups
+from flashcomm.knobs import AUTO, ConfigError
 from flashcomm.models.args import CheckpointError, ModelArgs, rope_inv_freq
 from flashcomm.models.deepseek_moe import DeepSeekMoE
 from flashcomm.models.moe import MoEFeedForward, expert_split

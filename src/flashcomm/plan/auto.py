@@ -13,7 +13,8 @@ import json
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from flashcomm.config import AUTO, ConfigError, FlashCommConfig
+from flashcomm.config import FlashCommConfig
+from flashcomm.knobs import AUTO, ConfigError
 from flashcomm.plan.costmodel import SHIPPED_PROFILES, HardwareProfile, Shape, crossover_tokens
 from flashcomm.plan.strategy import Strategy
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from flashcomm.config import AttnOut, ConfigError, ShardSource, divisors_below
+from flashcomm.config import AttnOut, ShardSource, divisors_below
+from flashcomm.knobs import ConfigError
 from flashcomm.models.args import ModelArgs
 from flashcomm.plan.costmodel import HardwareProfile, Shape, crossover_tokens
 from flashcomm.plan.deploy import Option, recommend_deployments

@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fractions import Fraction
 
-from flashcomm.config import ConfigError, FlashCommConfig
+from flashcomm.config import FlashCommConfig
+from flashcomm.knobs import ConfigError
 from flashcomm.layout import ParallelLayout, check_prefetch_step, stage_layers
 from flashcomm.plan.strategy import Strategy
 

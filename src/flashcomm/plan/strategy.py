@@ -13,15 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from flashcomm.config import (
-    AUTO,
-    AttnOut,
-    CommDtype,
-    ConfigError,
-    FlashCommConfig,
-    ShardSource,
-    divisors_below,
-)
+from flashcomm.config import AttnOut, CommDtype, FlashCommConfig, ShardSource, divisors_below
+from flashcomm.knobs import AUTO, ConfigError
 
 
 @dataclass(frozen=True)

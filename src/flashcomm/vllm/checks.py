@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from flashcomm.config import ConfigError, FlashCommConfig, ShardSource
+from flashcomm.config import FlashCommConfig, ShardSource
+from flashcomm.knobs import ConfigError
 
 ADDITIONAL_CONFIG_KEY = "flashcomm"
 """Key of our knobs in `vllm_config.additional_config` (part of vLLM's config hash)."""

@@ -25,9 +25,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from flashcomm.config import AUTO, FlashCommConfig
+from flashcomm.config import FlashCommConfig
 from flashcomm.gathered import GatheredSeries
 from flashcomm.groups import ParallelGroups
+from flashcomm.knobs import AUTO
 from flashcomm.layout import ParallelLayout, stage_layers
 from flashcomm.sharding import ShardedSeries
 from flashcomm.vllm.checks import check_plugin_limits, configure_vllm

@@ -33,6 +33,9 @@ RUNS = {  # name -> (env, eager); in this order, in one cache root
                            "FLASHCOMM2_MIN_TOKENS": str(THRESHOLD)}, False),
     "auto": ({**FC2, "FLASHCOMM2_MIN_TOKENS": "auto"}, False),
     "perstep_eager": ({**FC2, "FLASHCOMM2_MIN_TOKENS": str(THRESHOLD)}, True),
+    # auto on a profile where FlashComm2 never wins: only stock's slices are kept
+    "never_eager": ({**FC2, "FLASHCOMM2_MIN_TOKENS": "auto",
+                     "FLASHCOMM_PROFILE": str(HERE / "profile_fc2_never.json")}, True),
 }
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
@@ -124,3 +127,19 @@ def test_resident_o_proj_bytes_match_formula(runs, name, k):
         assert w["resident_o_proj_bytes"] == expected
         written = json.loads((runs[name]["report_dir"] / f"rank{w['rank']}.json").read_text())
         assert written["resident_o_proj_bytes"] == expected
+
+
+@pytest.mark.timeout(2000)
+def test_never_keeps_only_stocks_slices(runs):
+    """auto resolved to never: the full W_o are released, each rank keeps (and multiplies)
+    only its own [H, D/N] columns, oneDNN-prepacked on CPU like stock's linears, and the
+    tokens are stock's."""
+    assert _ok(runs["never_eager"])["tokens"] == _ok(runs["stock"])["tokens"]
+    for w in _workers(runs["never_eager"]):
+        assert w["flashcomm2_min_tokens"] is None and w["o_proj_fc2_calls"] == 0
+        assert w["row_only"] is True and w["packed_slices"] is True
+        assert w["o_proj_param_bytes"] == 0
+        assert w["resident_o_proj_bytes"] == NUM_LAYERS * HIDDEN * HIDDEN * 4 // 2
+    for w in _workers(runs["fc2"]):  # FlashComm2 runs: the full weights stay, unpacked
+        assert w["row_only"] is False and w["packed_slices"] is False
+        assert w["o_proj_param_bytes"] == NUM_LAYERS * HIDDEN * HIDDEN * 4

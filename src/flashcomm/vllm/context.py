@@ -219,14 +219,18 @@ class VllmFlashComm:
             return
         self.sealed = True
         self.weights.finalize()
-        if self.weights.form is not None:
-            for layer in self.modules.values():  # the packed slices replace the plain ones
-                layer.weight.data = layer.weight.data.new_empty(0)
         from flashcomm.vllm.fit import choose_impl, resolve_auto
+        from flashcomm.vllm.ops import onednn_form
 
         self.impl, self.impl_seconds = choose_impl(self)
         if self.cfg.flashcomm2_min_tokens == AUTO:
             self.min_tokens, self.auto = resolve_auto(self)
+        if self.min_tokens is None and isinstance(self.weights, ResidentWeights):
+            # FlashComm2 never runs here: hold (and multiply) exactly what stock TP does
+            self.weights.keep_row_slices(onednn_form(next(iter(self.weights.tensors.values()))))
+        if self.weights.detached:
+            for layer in self.modules.values():  # the kept slices replace the parameters
+                layer.weight.data = layer.weight.data.new_empty(0)
         report = self.report()
         logger.info("flashcomm: rank %d resident o_proj bytes %d, FlashComm2 from %s tokens",
                     report["rank"], report["resident_o_proj_bytes"], self.min_tokens)
@@ -280,6 +284,7 @@ class VllmFlashComm:
             "resident_o_proj_bytes": self.resident_o_proj_bytes(),
             "o_proj_param_bytes": sum(m.weight.nbytes for m in self.modules.values()),
             "packed_slices": self.weights is not None and self.weights.form is not None,
+            "row_only": getattr(self.weights, "row_only", False),
             "flashcomm2_min_tokens": self.min_tokens,
             "auto": self.auto,
             "impl": self.impl,

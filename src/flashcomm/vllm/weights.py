@@ -36,6 +36,11 @@ class OProjWeights(Protocol):
     form: ResidentForm | None
     """The resident slices' packed form (GatherRing on CPU), else None: plain tensors."""
 
+    @property
+    def detached(self) -> bool:
+        """Whether the source holds its own copies of the weights (packed or sliced), so the
+        layers' weight parameters may be emptied."""
+
     def wait(self, layer_idx: int, full: bool = True) -> torch.Tensor:
         """Layer i's `[H, D/otp]` weight (full) or this rank's `[H, D/N]` columns (not full)."""
 
@@ -71,7 +76,29 @@ class ResidentWeights:
     def wait(self, layer_idx: int, full: bool = True) -> torch.Tensor:
         """The resident weight, or a view of this rank's columns of it."""
         w = self.tensors[layer_idx]
+        if self.row_only:
+            if full:
+                raise RuntimeError(f"o_proj of layer {layer_idx}: a FlashComm2 step after the "
+                                   "threshold said never; only the row-parallel slices are kept")
+            return w
         return w if full else own_columns(w, self.offset, self.width)
+
+    row_only = False
+    """True after keep_row_slices: only this rank's columns are kept."""
+
+    @property
+    def detached(self) -> bool:
+        """After keep_row_slices the parameters' full weights are no longer read."""
+        return self.row_only
+
+    def keep_row_slices(self, form: ResidentForm | None) -> None:
+        """FlashComm2 never runs in this instance (auto found no crossover): keep only this
+        rank's `[H, D/N]` columns, what stock TP holds (in `form`, e.g. oneDNN's prepacked
+        layout, else contiguous); the caller releases the full weights' parameters."""
+        for i, w in self.tensors.items():
+            cols = own_columns(w, self.offset, self.width)
+            self.tensors[i] = cols.contiguous() if form is None else form.pack(cols)
+        self.row_only, self.form = True, form
 
     def resident_bytes(self) -> int:
         """Bytes of every layer's weight."""
@@ -92,6 +119,9 @@ class OwnerRing:
     def __init__(self, series: ShardedSeries, offset: int, width: int) -> None:
         """`offset`, `width`: this rank's D/N columns inside the `[H, D/otp]` weight."""
         self.series, self.offset, self.width = series, offset, width
+
+    detached = False
+    """The series keeps the owners' parameters as its storage."""
 
     def register(self, layer_idx: int, weight: torch.Tensor) -> None:
         """Owners pass the real tensor, others a meta placeholder (see ShardedSeries)."""
@@ -127,6 +157,11 @@ class GatherRing:
         """`series`: the GatheredSeries on the odp group's fetch communicator; `form`: the
         resident slices' packed form (ops.onednn_form), None for plain `[D/N, H]`."""
         self.series, self.form = series, form
+
+    @property
+    def detached(self) -> bool:
+        """Packed slices are copies: the parameters are no longer read."""
+        return self.form is not None
 
     def register(self, layer_idx: int, weight: torch.Tensor) -> None:
         """Layer i's own `[H, D/N]` columns, the parameter's storage (kept, not copied, when it

@@ -167,7 +167,7 @@ def test_bad_knob_stops_llm_before_the_engine(tmp_path):
                           timeout=240, cwd=tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert ("flashcomm.config.ConfigError: FLASHCOMM2_MIN_TOKENS (knob flashcomm2_min_tokens=-1:"
+    assert ("flashcomm.knobs.ConfigError: FLASHCOMM2_MIN_TOKENS (knob flashcomm2_min_tokens=-1:"
             " must be >= 0") in out, out[-3000:]
     assert "Worker" not in out and "Loading weights" not in out, out[-3000:]
     assert time.perf_counter() - t0 < 240

@@ -167,7 +167,7 @@ class GatheredSeries(LayerSeries):
         self._end_wait()
         if self.group.group is None or not full:
             self._reads += full  # G = 1: the resident slice is the whole FlashComm2 weight
-            return self._resident(layer_idx)
+            return self.resident(layer_idx)
         slot = self._read_slot(layer_idx, "a skipped or extra FlashComm2 prefetch on this rank "
                                "shows up here")
         self._note_blocked(layer_idx, t0)
@@ -181,7 +181,7 @@ class GatheredSeries(LayerSeries):
 
     # ---- helpers ---------------------------------------------------------------------------
 
-    def _resident(self, layer_idx: int) -> torch.Tensor:
+    def resident(self, layer_idx: int) -> torch.Tensor:
         """This rank's kept slice of layer i as the row path multiplies it: `[H, D/N]`."""
         kept = self._kept[layer_idx]
         return kept.t() if self._form is None else kept

@@ -25,6 +25,7 @@ MAX_TOKENS = 8
 THRESHOLD = 8  # per-step runs: the prefill step (62 tokens) takes FlashComm2, decode (4) not
 FC2 = {"FLASHCOMM2_PARALLEL_SIZE": "1"}
 OSHARD = {**FC2, "FLASHCOMM_LAYER_SHARDING": "o_proj"}
+NEVER = str(HERE / "profile_fc2_never.json")  # a profile on which FlashComm2 never wins
 RUNS = {  # name -> (env, eager); in this order, in one cache root
     "stock": ({}, False),  # plugin installed (entry point), not enabled
     "fc2": (FC2, False),  # every step FlashComm2 (threshold 0)
@@ -34,8 +35,10 @@ RUNS = {  # name -> (env, eager); in this order, in one cache root
     "auto": ({**FC2, "FLASHCOMM2_MIN_TOKENS": "auto"}, False),
     "perstep_eager": ({**FC2, "FLASHCOMM2_MIN_TOKENS": str(THRESHOLD)}, True),
     # auto on a profile where FlashComm2 never wins: only stock's slices are kept
-    "never_eager": ({**FC2, "FLASHCOMM2_MIN_TOKENS": "auto",
-                     "FLASHCOMM_PROFILE": str(HERE / "profile_fc2_never.json")}, True),
+    "never_eager": ({**FC2, "FLASHCOMM2_MIN_TOKENS": "auto", "FLASHCOMM_PROFILE": NEVER}, True),
+    "never_gather_eager": ({**OSHARD, "FLASHCOMM_SHARD_SOURCE": "gather",
+                            "FLASHCOMM_PREFETCH_STEP": "1", "FLASHCOMM2_MIN_TOKENS": "auto",
+                            "FLASHCOMM_PROFILE": NEVER}, True),
 }
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
@@ -130,16 +133,18 @@ def test_resident_o_proj_bytes_match_formula(runs, name, k):
 
 
 @pytest.mark.timeout(2000)
-def test_never_keeps_only_stocks_slices(runs):
-    """auto resolved to never: the full W_o are released, each rank keeps (and multiplies)
-    only its own [H, D/N] columns, oneDNN-prepacked on CPU like stock's linears, and the
-    tokens are stock's."""
-    assert _ok(runs["never_eager"])["tokens"] == _ok(runs["stock"])["tokens"]
-    for w in _workers(runs["never_eager"]):
+@pytest.mark.parametrize("name", ["never_eager", "never_gather_eager"])
+def test_never_keeps_only_stocks_slices(runs, name):
+    """auto resolved to never: the full W_o (resident source) or the ring (gather source) are
+    released, each rank keeps (and multiplies) only its own [H, D/N] columns, oneDNN-prepacked
+    on CPU like stock's linears, and the tokens are stock's."""
+    assert _ok(runs[name])["tokens"] == _ok(runs["stock"])["tokens"]
+    for w in _workers(runs[name]):
         assert w["flashcomm2_min_tokens"] is None and w["o_proj_fc2_calls"] == 0
         assert w["row_only"] is True and w["packed_slices"] is True
-        assert w["o_proj_param_bytes"] == 0
+        assert w["o_proj_param_bytes"] == 0 and w["series"] is None
         assert w["resident_o_proj_bytes"] == NUM_LAYERS * HIDDEN * HIDDEN * 4 // 2
+        assert w["o_proj_calls"] >= NUM_LAYERS * MAX_TOKENS
     for w in _workers(runs["fc2"]):  # FlashComm2 runs: the full weights stay, unpacked
         assert w["row_only"] is False and w["packed_slices"] is False
         assert w["o_proj_param_bytes"] == NUM_LAYERS * HIDDEN * HIDDEN * 4

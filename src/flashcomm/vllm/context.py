@@ -32,7 +32,13 @@ from flashcomm.knobs import AUTO
 from flashcomm.layout import ParallelLayout, stage_layers
 from flashcomm.sharding import ShardedSeries
 from flashcomm.vllm.checks import check_plugin_limits, configure_vllm
-from flashcomm.vllm.weights import GatherRing, OProjWeights, OwnerRing, ResidentWeights
+from flashcomm.vllm.weights import (
+    GatherRing,
+    OProjWeights,
+    OwnerRing,
+    ResidentWeights,
+    RowSlices,
+)
 
 logger = logging.getLogger("vllm.flashcomm")  # under vLLM's logger: its handlers and level
 
@@ -225,9 +231,13 @@ class VllmFlashComm:
         self.impl, self.impl_seconds = choose_impl(self)
         if self.cfg.flashcomm2_min_tokens == AUTO:
             self.min_tokens, self.auto = resolve_auto(self)
-        if self.min_tokens is None and isinstance(self.weights, ResidentWeights):
-            # FlashComm2 never runs here: hold (and multiply) exactly what stock TP does
-            self.weights.keep_row_slices(onednn_form(next(iter(self.weights.tensors.values()))))
+        if self.min_tokens is None and isinstance(self.weights, ResidentWeights | GatherRing):
+            # FlashComm2 never runs here: hold (and multiply) exactly what stock TP does; the
+            # full weights, or the gather ring, go (the owner source cannot: a non-owner has
+            # no slice of a layer it does not own)
+            like = next(iter(self.modules.values())).weight
+            self.weights = self.weights.row_slices(onednn_form(like))
+            self.series = None
         if self.weights.detached:
             for layer in self.modules.values():  # the kept slices replace the parameters
                 layer.weight.data = layer.weight.data.new_empty(0)
@@ -284,7 +294,7 @@ class VllmFlashComm:
             "resident_o_proj_bytes": self.resident_o_proj_bytes(),
             "o_proj_param_bytes": sum(m.weight.nbytes for m in self.modules.values()),
             "packed_slices": self.weights is not None and self.weights.form is not None,
-            "row_only": getattr(self.weights, "row_only", False),
+            "row_only": isinstance(self.weights, RowSlices),
             "flashcomm2_min_tokens": self.min_tokens,
             "auto": self.auto,
             "impl": self.impl,

@@ -151,7 +151,7 @@ class FlashCommQKVParallelLinear(QKVParallelLinear):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         ctx = VllmFlashComm.of(get_current_vllm_config())
-        self.flashcomm_layer = ctx.qkv_index(self.prefix)
+        self.ctx, self.flashcomm_layer = ctx, ctx.qkv_index(self.prefix)
         if self.flashcomm_layer is not None:
             ctx.qkv_prefetch.add(self.flashcomm_layer)
         # the o_proj of the same attention block, as it registers itself (see ctx.register)
@@ -159,6 +159,8 @@ class FlashCommQKVParallelLinear(QKVParallelLinear):
 
     def forward(self, input_):
         """Prefetch op for this layer's o_proj weight, then vLLM's own forward."""
-        if self.flashcomm_layer is not None:
+        # no prefetch op in the graph when the source never moves weights (e.g. auto found no
+        # crossover: RowSlices); decided when the model is traced, after loading
+        if self.flashcomm_layer is not None and self.ctx.weights.fetches:
             torch.ops.flashcomm.prefetch(input_, self.o_proj_name)
         return super().forward(input_)

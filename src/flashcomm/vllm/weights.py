@@ -41,6 +41,10 @@ class OProjWeights(Protocol):
         """Whether the source holds its own copies of the weights (packed or sliced), so the
         layers' weight parameters may be emptied."""
 
+    @property
+    def fetches(self) -> bool:
+        """Whether prefetch may move weights (else the QKV layers skip the prefetch op)."""
+
     def wait(self, layer_idx: int, full: bool = True) -> torch.Tensor:
         """Layer i's `[H, D/otp]` weight (full) or this rank's `[H, D/N]` columns (not full)."""
 
@@ -55,6 +59,10 @@ class ResidentWeights:
 
     form: ResidentForm | None = None
     """Plain tensors: nothing packed."""
+    detached = False
+    """The parameters are the weights."""
+    fetches = False
+    """Nothing to fetch: the QKV layers issue no prefetch."""
 
     def __init__(self, offset: int, width: int) -> None:
         """`offset`, `width`: this rank's D/N columns inside the `[H, D/otp]` weight."""
@@ -76,29 +84,12 @@ class ResidentWeights:
     def wait(self, layer_idx: int, full: bool = True) -> torch.Tensor:
         """The resident weight, or a view of this rank's columns of it."""
         w = self.tensors[layer_idx]
-        if self.row_only:
-            if full:
-                raise RuntimeError(f"o_proj of layer {layer_idx}: a FlashComm2 step after the "
-                                   "threshold said never; only the row-parallel slices are kept")
-            return w
         return w if full else own_columns(w, self.offset, self.width)
 
-    row_only = False
-    """True after keep_row_slices: only this rank's columns are kept."""
-
-    @property
-    def detached(self) -> bool:
-        """After keep_row_slices the parameters' full weights are no longer read."""
-        return self.row_only
-
-    def keep_row_slices(self, form: ResidentForm | None) -> None:
-        """FlashComm2 never runs in this instance (auto found no crossover): keep only this
-        rank's `[H, D/N]` columns, what stock TP holds (in `form`, e.g. oneDNN's prepacked
-        layout, else contiguous); the caller releases the full weights' parameters."""
-        for i, w in self.tensors.items():
-            cols = own_columns(w, self.offset, self.width)
-            self.tensors[i] = cols.contiguous() if form is None else form.pack(cols)
-        self.row_only, self.form = True, form
+    def row_slices(self, form: ResidentForm | None) -> RowSlices:
+        """This rank's own columns of every layer, as a RowSlices source."""
+        return RowSlices({i: pack_columns(own_columns(w, self.offset, self.width), form)
+                          for i, w in self.tensors.items()}, form)
 
     def resident_bytes(self) -> int:
         """Bytes of every layer's weight."""
@@ -122,6 +113,8 @@ class OwnerRing:
 
     detached = False
     """The series keeps the owners' parameters as its storage."""
+    fetches = True
+    """The ring turns on every step."""
 
     def register(self, layer_idx: int, weight: torch.Tensor) -> None:
         """Owners pass the real tensor, others a meta placeholder (see ShardedSeries)."""
@@ -158,10 +151,20 @@ class GatherRing:
         resident slices' packed form (ops.onednn_form), None for plain `[D/N, H]`."""
         self.series, self.form = series, form
 
+    fetches = True
+    """FlashComm2 steps gather."""
+
     @property
     def detached(self) -> bool:
         """Packed slices are copies: the parameters are no longer read."""
         return self.form is not None
+
+    def row_slices(self, form: ResidentForm | None) -> RowSlices:
+        """The series' resident slices (already in this source's form) as a RowSlices source;
+        the ring is dropped with the series."""
+        first = self.series.start
+        layers = range(first, first + self.series.num_layers)
+        return RowSlices({i: self.series.resident(i) for i in layers}, self.form)
 
     def register(self, layer_idx: int, weight: torch.Tensor) -> None:
         """Layer i's own `[H, D/N]` columns, the parameter's storage (kept, not copied, when it
@@ -189,3 +192,41 @@ class GatherRing:
     def stats(self) -> dict[str, Any] | None:
         """The series counters (bytes gathered, fetches, waits, blocked time)."""
         return self.series.stats().to_dict()
+
+
+def pack_columns(cols: torch.Tensor, form: ResidentForm | None) -> torch.Tensor:
+    """`[H, D/N]` columns in `form`, or as a contiguous copy."""
+    return cols.contiguous() if form is None else form.pack(cols)
+
+
+class RowSlices:
+    """FlashComm2 never runs in this instance (auto found no crossover): each layer keeps only
+    this rank's `[H, D/N]` columns, what stock TP holds (oneDNN-prepacked on CPU, as stock
+    keeps its linears); no ring, no prefetch, no traffic."""
+
+    detached = True
+    """The slices are copies: the parameters are emptied."""
+    fetches = False
+    """No ring: the QKV layers issue no prefetch."""
+
+    def __init__(self, slices: dict[int, torch.Tensor], form: ResidentForm | None) -> None:
+        """`slices`: layer -> its kept columns (in `form`)."""
+        self.slices, self.form = slices, form
+
+    def prefetch(self, layer_idx: int, full: bool = True) -> None:
+        """Nothing to fetch."""
+
+    def wait(self, layer_idx: int, full: bool = True) -> torch.Tensor:
+        """This rank's columns; a FlashComm2 step here is a bug (the threshold said never)."""
+        if full:
+            raise RuntimeError(f"o_proj of layer {layer_idx}: a FlashComm2 step, but the "
+                               "threshold said never and only the row-parallel slices are kept")
+        return self.slices[layer_idx]
+
+    def resident_bytes(self) -> int:
+        """L * |W| / N: stock TP's o_proj bytes."""
+        return sum(t.numel() * t.element_size() for t in self.slices.values())
+
+    def stats(self) -> dict[str, Any] | None:
+        """No ring, no counters."""
+        return None

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "flashcomm"
-CORE = ("knobs", "config", "layout", "groups", "comm", "sharding", "launch", "gathered")
+CORE = ("knobs", "config", "layout", "groups", "comm", "sharding", "series", "launch", "gathered")
 """The flat core; anything else at the top level must be added here or to a rule below."""
 # (importer prefix, forbidden import prefixes, why)
 RULES = (

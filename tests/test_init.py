@@ -35,7 +35,8 @@ def test_every_export_resolves_to_its_defining_module() -> None:
 def test_import_flashcomm_and_the_cli_load_no_torch() -> None:
     code = ("import sys, flashcomm, flashcomm.cli; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' "
-            "or m in ('flashcomm.groups', 'flashcomm.launch', 'flashcomm.sharding')))")
+            "or m in ('flashcomm.groups', 'flashcomm.launch', 'flashcomm.sharding', "
+            "'flashcomm.series')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True)
     assert out.stdout.strip() == "[]", out.stdout

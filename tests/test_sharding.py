@@ -13,7 +13,8 @@ import torch.distributed as dist
 
 from flashcomm.groups import GroupHandle
 from flashcomm.launch import run_local
-from flashcomm.sharding import ShardedSeries, prefetch_target
+from flashcomm.series import prefetch_target
+from flashcomm.sharding import ShardedSeries
 
 PASSES = 3
 

@@ -18,7 +18,8 @@ _EXPORTS = {
     "flashcomm.layout": ("ParallelLayout",),
     "flashcomm.groups": ("ParallelGroups", "GroupHandle"),
     "flashcomm.comm": ("flashcomm2_o_proj", "row_parallel_o_proj", "CommCounter"),
-    "flashcomm.sharding": ("ShardedSeries", "SeriesStats"),
+    "flashcomm.series": ("SeriesStats",),
+    "flashcomm.sharding": ("ShardedSeries",),
     "flashcomm.gathered": ("GatheredSeries",),
     "flashcomm.launch": ("run_local", "init_distributed", "RankFailure"),
 }
@@ -38,7 +39,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from flashcomm.knobs import ConfigError, FlashCommError
     from flashcomm.launch import RankFailure, init_distributed, run_local
     from flashcomm.layout import ParallelLayout
-    from flashcomm.sharding import SeriesStats, ShardedSeries
+    from flashcomm.series import SeriesStats
+    from flashcomm.sharding import ShardedSeries
 
 
 def __getattr__(name: str) -> Any:

@@ -5,7 +5,7 @@ Every rank keeps its own row-parallel slice of every layer, exactly what stock T
 heads' D/N input columns, `[H, D/N]`. A FlashComm2 step needs its odp group's `[H, D/otp]` (the
 full W_o at otp = 1); its prefetch(i) all-gathers that from the G = odp members of the group
 into the ring, with DESIGN.md section 3's schedule and ShardedSeries' interface and stats (both
-are sharding.LayerSeries, which holds the schedule, the slot tags and the counters):
+are series.LayerSeries, which holds the schedule, the slot tags and the counters):
 - prefetch(i) gathers layer `prefetch_target(i, start, L, k)` into slot (m + k) mod (k+1), where
   m counts FlashComm2 prefetches; wait(i) reads slot m mod (k+1) and checks its tag;
 - a row-parallel step (`full=False`) reads the resident slice and moves no weight byte: the ring
@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from flashcomm.sharding import LayerSeries, SeriesStats
+from flashcomm.series import LayerSeries, SeriesStats
 
 
 @dataclass(frozen=True)

@@ -99,7 +99,7 @@ def _worker(rank: int, world: int, ckpts: dict[str, str]) -> dict:
     stage = stage_layers(L, 2)[groups.layout.coords(rank).pp]
     for k in (0, 1):
         out["ring", k, "ours"] = _ring_passes(groups, stage, k)
-        with mock.patch("flashcomm.sharding.prefetch_target", _original_formula):
+        with mock.patch("flashcomm.series.prefetch_target", _original_formula):
             out["ring", k, "original"] = _ring_passes(groups, stage, k)
     torch.distributed.barrier()
     return out

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from flashcomm.config import FlashCommConfig
-from flashcomm.gathered import GatheredSeries
+from flashcomm.gathered import GatheredSeries, ResidentForm
 from flashcomm.groups import ParallelGroups
 from flashcomm.knobs import AUTO
 from flashcomm.layout import ParallelLayout, stage_layers
@@ -100,6 +100,9 @@ class VllmFlashComm:
     registered: dict[int, int] = field(default_factory=dict)
     """o_proj layer index -> |W|, bytes of its FlashComm2 weight [H, D/otp] (under gather
     the layer holds only its D/N columns of it)."""
+    row_form: ResidentForm | None = None
+    """How kept row-parallel slices are stored (ops.onednn_form: oneDNN-prepacked on CPU, None:
+    plain), decided once from the first o_proj weight."""
     modules: dict[int, Any] = field(default_factory=dict, repr=False)
     """o_proj layer index -> its FlashComm o_proj module."""
     loaded: set[int] = field(default_factory=set)
@@ -202,10 +205,11 @@ class VllmFlashComm:
             d_otp = weight.shape[1] * (self.cfg.odp if gather else 1)
             width = d_otp // self.cfg.odp
             offset = self.groups.tp.rank % self.cfg.odp * width  # this rank's own heads
-            if gather:
-                from flashcomm.vllm.ops import onednn_form  # registers the ops: workers only
+            from flashcomm.vllm.ops import onednn_form  # registers the ops: workers only
 
-                self.weights = GatherRing(self.series, onednn_form(weight))
+            self.row_form = onednn_form(weight)
+            if gather:
+                self.weights = GatherRing(self.series, self.row_form)
             elif self.series is not None:
                 self.weights = OwnerRing(self.series, offset, width)
             else:
@@ -226,7 +230,6 @@ class VllmFlashComm:
         self.sealed = True
         self.weights.finalize()
         from flashcomm.vllm.fit import choose_impl, resolve_auto
-        from flashcomm.vllm.ops import onednn_form
 
         self.impl, self.impl_seconds = choose_impl(self)
         if self.cfg.flashcomm2_min_tokens == AUTO:
@@ -235,8 +238,7 @@ class VllmFlashComm:
             # FlashComm2 never runs here: hold (and multiply) exactly what stock TP does; the
             # full weights, or the gather ring, go (the owner source cannot: a non-owner has
             # no slice of a layer it does not own)
-            like = next(iter(self.modules.values())).weight
-            self.weights = self.weights.row_slices(onednn_form(like))
+            self.weights = self.weights.row_slices(self.row_form)
             self.series = None
         if self.weights.detached:
             for layer in self.modules.values():  # the kept slices replace the parameters

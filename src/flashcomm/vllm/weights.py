@@ -19,6 +19,7 @@ Sources:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import torch
@@ -93,7 +94,7 @@ class ResidentWeights:
 
     def resident_bytes(self) -> int:
         """Bytes of every layer's weight."""
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        return tensor_bytes(self.tensors.values())
 
     def stats(self) -> dict[str, Any] | None:
         """No ring, no counters."""
@@ -160,11 +161,14 @@ class GatherRing:
         return self.form is not None
 
     def row_slices(self, form: ResidentForm | None) -> RowSlices:
-        """The series' resident slices (already in this source's form) as a RowSlices source;
-        the ring is dropped with the series."""
+        """The series' resident slices as a RowSlices source (they are already in `form`, the
+        form this source was built with); the ring is dropped with the series."""
+        if form is not self.form:
+            raise ValueError("GatherRing.row_slices: its slices are kept in the form it was "
+                             "built with; pass that form")
         first = self.series.start
         layers = range(first, first + self.series.num_layers)
-        return RowSlices({i: self.series.resident(i) for i in layers}, self.form)
+        return RowSlices({i: self.series.resident(i) for i in layers}, form)
 
     def register(self, layer_idx: int, weight: torch.Tensor) -> None:
         """Layer i's own `[H, D/N]` columns, the parameter's storage (kept, not copied, when it
@@ -192,6 +196,11 @@ class GatherRing:
     def stats(self) -> dict[str, Any] | None:
         """The series counters (bytes gathered, fetches, waits, blocked time)."""
         return self.series.stats().to_dict()
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of `tensors`' elements (packed oneDNN tensors included, which have no storage)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def pack_columns(cols: torch.Tensor, form: ResidentForm | None) -> torch.Tensor:
@@ -225,7 +234,7 @@ class RowSlices:
 
     def resident_bytes(self) -> int:
         """L * |W| / N: stock TP's o_proj bytes."""
-        return sum(t.numel() * t.element_size() for t in self.slices.values())
+        return tensor_bytes(self.slices.values())
 
     def stats(self) -> dict[str, Any] | None:
         """No ring, no counters."""

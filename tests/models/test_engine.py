@@ -15,8 +15,8 @@ from conftest import PROMPTS, prefill_logits, run_per_strategy
 
 from flashcomm.config import FlashCommConfig
 from flashcomm.layout import ParallelLayout
+from flashcomm.model_args import ModelArgs
 from flashcomm.models.engine import Engine
-from flashcomm.models.transformer import ModelArgs
 from flashcomm.plan.costmodel import counted_bytes, step_calls
 from flashcomm.plan.planner import model_shape
 from flashcomm.plan.strategy import Strategy

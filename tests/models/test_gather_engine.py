@@ -18,7 +18,7 @@ from conftest import PROMPTS, prefill_logits
 
 from flashcomm.config import FlashCommConfig, ShardSource
 from flashcomm.layout import ParallelLayout
-from flashcomm.models.args import ModelArgs
+from flashcomm.model_args import ModelArgs
 from flashcomm.models.engine import Engine
 from flashcomm.plan.costmodel import Shape, fetch_bytes_per_step
 from flashcomm.plan.strategy import Strategy

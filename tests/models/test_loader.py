@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from flashcomm.config import FlashCommConfig
 from flashcomm.launch import RankFailure, run_local
+from flashcomm.model_args import CheckpointError
 from flashcomm.models.engine import Engine
 from flashcomm.models.loader import load_model
-from flashcomm.models.transformer import CheckpointError
 
 O0 = "model.layers.0.self_attn.o_proj.weight"
 
@@ -80,8 +80,8 @@ def test_bad_checkpoint_fails_on_every_rank_without_hanging(bad_checkpoints) -> 
 
 def test_prefetch_step_out_of_range_is_a_config_error(hf_checkpoints) -> None:
     from flashcomm.knobs import ConfigError
+    from flashcomm.model_args import ModelArgs
     from flashcomm.models.loader import check_strategy
-    from flashcomm.models.transformer import ModelArgs
 
     args = ModelArgs.from_dir(hf_checkpoints["llama"])  # 3 layers: k in [0, 1]
     cfg = FlashCommConfig(tp=2, flashcomm2_otp=1, layer_sharding=("o_proj",), prefetch_step=2)

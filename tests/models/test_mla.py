@@ -21,8 +21,9 @@ import torch
 from conftest import PROMPTS, prefill_logits, run_per_strategy
 
 from flashcomm.config import FlashCommConfig
-from flashcomm.models.args import CheckpointError, ModelArgs, rope_inv_freq
+from flashcomm.model_args import CheckpointError, ModelArgs
 from flashcomm.models.engine import Engine
+from flashcomm.models.layers import rope_inv_freq
 from flashcomm.plan.costmodel import Shape, counted_bytes, step_calls
 from flashcomm.plan.planner import make_plan, weight_bytes_per_rank
 from flashcomm.plan.strategy import Strategy
@@ -127,7 +128,7 @@ def test_router_matches_transformers(mla_checkpoints) -> None:
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
     from flashcomm.models.deepseek_moe import DeepSeekMoE
-    from flashcomm.models.transformer import TPPlan
+    from flashcomm.models.parallel import TPPlan
 
     cfg = json.loads((mla_checkpoints["q_lora"] / "config.json").read_text())
     args = ModelArgs.from_hf_config(cfg)

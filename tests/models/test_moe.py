@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from flashcomm.config import FlashCommConfig
 from flashcomm.knobs import ConfigError
 from flashcomm.layout import ParallelLayout
-from flashcomm.models.args import CheckpointError, ModelArgs
+from flashcomm.model_args import CheckpointError, ModelArgs
 from flashcomm.models.engine import Engine
 from flashcomm.models.moe import MoEFeedForward
 from flashcomm.plan.planner import weight_bytes_per_rank
@@ -117,7 +117,7 @@ def test_sparse_layers_follow_transformers() -> None:
 
 def test_expert_parallel_knob_and_split_errors(moe_checkpoints) -> None:
     from flashcomm.models.loader import check_strategy
-    from flashcomm.models.transformer import TPPlan
+    from flashcomm.models.parallel import TPPlan
 
     cfg = FlashCommConfig.from_env({"FLASHCOMM_EXPERT_PARALLEL": "1"})
     assert cfg.expert_parallel and "FLASHCOMM_EXPERT_PARALLEL" in FlashCommConfig.env_names()

@@ -21,8 +21,8 @@ from flashcomm.config import FlashCommConfig
 from flashcomm.groups import ParallelGroups
 from flashcomm.knobs import ConfigError
 from flashcomm.layout import ParallelLayout, stage_layers
+from flashcomm.model_args import ModelArgs
 from flashcomm.models import pipeline
-from flashcomm.models.args import ModelArgs
 from flashcomm.models.engine import Engine
 from flashcomm.models.loader import preflight
 from flashcomm.plan.stages import layer_bytes, stage_memory

@@ -8,8 +8,11 @@ from conftest import HF_MODELS, PROMPTS, prefill_logits
 
 from flashcomm.config import FlashCommConfig
 from flashcomm.knobs import ConfigError
+from flashcomm.model_args import CheckpointError, ModelArgs
 from flashcomm.models.engine import Engine
-from flashcomm.models.transformer import CheckpointError, ModelArgs, Step, TPPlan, rope_inv_freq
+from flashcomm.models.layers import rope_inv_freq
+from flashcomm.models.parallel import TPPlan
+from flashcomm.models.step import Step
 
 
 @pytest.mark.parametrize("name", list(HF_MODELS))
@@ -124,7 +127,7 @@ def test_tp_context_is_frozen_and_takes_a_resolved_threshold() -> None:
     from dataclasses import FrozenInstanceError
 
     from flashcomm.knobs import ConfigError
-    from flashcomm.models.transformer import TPContext
+    from flashcomm.models.parallel import TPContext
 
     ctx = TPContext(FlashCommConfig(tp=2, flashcomm2_otp=1, flashcomm2_min_tokens=8))
     with pytest.raises(FrozenInstanceError):

@@ -13,7 +13,7 @@ import pytest
 
 from flashcomm.config import FlashCommConfig
 from flashcomm.knobs import ConfigError
-from flashcomm.models.args import ModelArgs
+from flashcomm.model_args import ModelArgs
 from flashcomm.models.random_checkpoint import small_llama_config, write_checkpoint
 from flashcomm.plan.auto import auto_min_tokens, load_profile
 from flashcomm.plan.costmodel import OPS, HardwareProfile, OpCost

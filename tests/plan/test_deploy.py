@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from flashcomm.models.args import ModelArgs
+from flashcomm.model_args import ModelArgs
 from flashcomm.plan import costmodel as cm
 from flashcomm.plan.deploy import DEPLOYMENTS
 from flashcomm.plan.planner import GIB, make_plan

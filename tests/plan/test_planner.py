@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from flashcomm.knobs import ConfigError
-from flashcomm.models.args import ModelArgs
+from flashcomm.model_args import ModelArgs
 from flashcomm.plan.costmodel import HardwareProfile
 from flashcomm.plan.planner import GIB, make_plan
 

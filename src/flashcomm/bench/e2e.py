@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from flashcomm.config import AttnOut, CommDtype, ShardSource
 from flashcomm.knobs import ConfigError
-from flashcomm.models.args import ModelArgs
+from flashcomm.model_args import ModelArgs
 from flashcomm.models.random_checkpoint import (
     cached_checkpoint,
     demo_checkpoint,

@@ -49,7 +49,7 @@ def format_layout(layout: ParallelLayout) -> str:
 def model_facts(model: str) -> tuple[int, int, int, int]:
     """(num_layers, hidden, q_dim, bytes per element) of a checkpoint's config.json, the element
     size from its torch_dtype (2 when absent)."""
-    from flashcomm.models.args import ModelArgs  # torch: only when --model is given
+    from flashcomm.model_args import ModelArgs  # torch: only when --model is given
 
     m = ModelArgs.from_dir(model)
     raw = json.loads((Path(model) / "config.json").read_text())

@@ -7,7 +7,7 @@ import json
 
 from flashcomm.config import FlashCommConfig
 from flashcomm.knobs import parse_int
-from flashcomm.models.args import ModelArgs
+from flashcomm.model_args import ModelArgs
 from flashcomm.models.random_checkpoint import demo_checkpoint
 from flashcomm.plan.auto import load_profile
 from flashcomm.plan.planner import GIB, make_plan

@@ -17,19 +17,15 @@ partial sum is reduced on its own (all-reduce; all-gather + reduce-scatter under
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flashcomm import comm
 from flashcomm.knobs import ConfigError
-from flashcomm.models.args import ModelArgs
+from flashcomm.model_args import ModelArgs
 from flashcomm.models.moe import Expert, MoEFeedForward
-
-if TYPE_CHECKING:
-    from flashcomm.models.transformer import TPContext, TPPlan
+from flashcomm.models.parallel import TPContext, TPPlan
 
 TensorRow = tuple[str, str, tuple[int, ...], int, "tuple[int, int] | None", "torch.dtype | None"]
 """(checkpoint name under mlp., parameter name under feed_forward., full shape, sliced dim,

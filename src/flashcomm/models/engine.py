@@ -22,8 +22,8 @@ from flashcomm.comm import CommCounter
 from flashcomm.config import FlashCommConfig
 from flashcomm.groups import ParallelGroups
 from flashcomm.knobs import FlashCommError
+from flashcomm.model_args import ModelArgs
 from flashcomm.models import pipeline
-from flashcomm.models.args import ModelArgs
 from flashcomm.models.loader import LoadReport, load_model
 from flashcomm.models.transformer import Transformer
 

@@ -15,7 +15,7 @@ import torch
 
 from flashcomm.config import FlashCommConfig
 from flashcomm.groups import ParallelGroups
-from flashcomm.models.args import ModelArgs
+from flashcomm.model_args import ModelArgs
 from flashcomm.models.engine import Engine
 from flashcomm.models.loader import checkpoint_dtype
 from flashcomm.plan.auto import resolve_auto

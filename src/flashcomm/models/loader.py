@@ -26,11 +26,13 @@ from flashcomm.config import FlashCommConfig
 from flashcomm.gathered import GatheredSeries
 from flashcomm.groups import ParallelGroups
 from flashcomm.knobs import ConfigError
+from flashcomm.model_args import CheckpointError, ModelArgs
 from flashcomm.models.deepseek_moe import deepseek_moe_tensors
 from flashcomm.models.mla import mla_tensors
 from flashcomm.models.moe import MOE_TENSOR_NAMES
+from flashcomm.models.parallel import TPContext, TPPlan
 from flashcomm.models.pipeline import stage_of, stage_ranges
-from flashcomm.models.transformer import CheckpointError, ModelArgs, TPContext, TPPlan, Transformer
+from flashcomm.models.transformer import Transformer
 from flashcomm.sharding import ShardedSeries
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}

@@ -32,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flashcomm.models.args import ModelArgs, yarn_mscale
+from flashcomm.model_args import ModelArgs, yarn_mscale
+from flashcomm.models.layers import Attention, RMSNorm, apply_rope
+from flashcomm.models.parallel import TPContext, TPPlan
 from flashcomm.models.step import KVCache, Step
-from flashcomm.models.transformer import Attention, RMSNorm, TPContext, TPPlan, apply_rope
 
 LATENT_NORM_EPS = 1e-6
 """eps of q_a_layernorm and kv_a_layernorm: transformers builds them with its default, not

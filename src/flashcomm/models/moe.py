@@ -23,7 +23,6 @@ receive no row cost nothing.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -32,11 +31,8 @@ from torch import Tensor, nn
 
 from flashcomm import comm
 from flashcomm.groups import GroupHandle
-from flashcomm.knobs import ConfigError
-from flashcomm.models.args import ModelArgs
-
-if TYPE_CHECKING:
-    from flashcomm.models.transformer import TPContext, TPPlan
+from flashcomm.model_args import ModelArgs
+from flashcomm.models.parallel import TPContext, TPPlan
 
 MOE_TENSOR_NAMES = {
     "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
@@ -44,27 +40,6 @@ MOE_TENSOR_NAMES = {
     "deepseek_v3": ("mlp", "gate_proj", "up_proj", "down_proj"),
 }
 """model_type -> (MoE block name in the checkpoint, expert gate, up and down projection names)."""
-
-
-def expert_split(args: ModelArgs, tp: int, rank: int,
-                 expert_parallel: bool) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(experts held, inner columns held of each) by TP rank `rank` of `tp`."""
-    e, inner = args.n_experts, args.moe_intermediate_size
-    if not args.is_moe:
-        return (0, 0), (0, 0)
-    if expert_parallel:
-        if e % tp:
-            raise ConfigError(
-                f"expert_parallel=True (--expert-parallel) at tp={tp}: num_experts={e} must be a "
-                f"multiple of tp (each rank holds E/N whole experts); allowed tp: "
-                f"{[n for n in range(1, e + 1) if not e % n]}")
-        return (rank * e // tp, (rank + 1) * e // tp), (0, inner)
-    if inner % tp:
-        raise ConfigError(
-            f"tp={tp}: moe_intermediate_size={inner} is not divisible by tp (TP experts split "
-            f"each expert's inner columns); use --expert-parallel or tp in "
-            f"{[n for n in range(1, min(inner, 64) + 1) if not inner % n]}")
-    return (0, e), (rank * inner // tp, (rank + 1) * inner // tp)
 
 
 class Expert(nn.Module):

@@ -27,7 +27,7 @@ from flashcomm.comm import CommCounter, padded_tokens
 from flashcomm.config import FlashCommConfig
 from flashcomm.groups import GroupHandle, ParallelGroups
 from flashcomm.layout import check_prefetch_step, stage_layers
-from flashcomm.models.args import ModelArgs
+from flashcomm.model_args import ModelArgs
 from flashcomm.models.step import KVCache, Step
 from flashcomm.models.transformer import Transformer
 

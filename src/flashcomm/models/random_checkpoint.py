@@ -19,8 +19,9 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from flashcomm.model_args import ModelArgs
 from flashcomm.models.loader import tensor_specs
-from flashcomm.models.transformer import ModelArgs, TPPlan
+from flashcomm.models.parallel import TPPlan
 
 DEMO_NAME = "demo-llama-v1"
 """Directory name of the demo checkpoint in the cache (bump the version when its config changes)."""

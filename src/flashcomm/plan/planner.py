@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 from flashcomm.config import AttnOut, ShardSource, divisors_below
 from flashcomm.knobs import ConfigError
-from flashcomm.models.args import ModelArgs
+from flashcomm.model_args import ModelArgs
 from flashcomm.plan.costmodel import HardwareProfile, Shape, crossover_tokens
 from flashcomm.plan.deploy import Option, recommend_deployments
 from flashcomm.plan.strategy import Strategy, candidates

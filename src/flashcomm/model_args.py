@@ -1,8 +1,9 @@
 """Hugging Face config.json -> ModelArgs: the Llama family (Llama, Mistral, Qwen2, Qwen3), its
 mixture-of-experts relatives (Qwen3-MoE, Mixtral) and DeepSeek-V3 (latent attention, MLA).
 
-Pure Python + torch: parsing and validation happen before any process group exists, so a bad
-checkpoint fails on every rank with the same message naming the field.
+Pure Python, no torch: the engine (models/) and the planner (plan/) both read it, so it sits
+in the core below both. Parsing and validation happen before any process group exists, so a
+bad checkpoint fails on every rank with the same message naming the field.
 """
 
 from __future__ import annotations
@@ -13,9 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import torch
-from torch import Tensor
 
 from flashcomm.knobs import FlashCommError
 
@@ -345,43 +343,3 @@ def _moe_fields(cfg: dict[str, Any], mt: str, n_layers: int,
                               f"[1, {n_experts}] (the number of experts)")
     return {"n_experts": n_experts, "n_experts_per_tok": top_k, "moe_intermediate_size": inner,
             "norm_topk_prob": norm, "moe_layers": tuple(sparse)}
-
-
-def rope_inv_freq(args: ModelArgs) -> Tensor:
-    """[rope_dim/2] float32 inverse frequencies (rope_dim: head_dim, MLA's qk_rope_head_dim),
-    llama3- or yarn-scaled when configured."""
-    d = args.qk_rope_head_dim or args.head_dim
-    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, device="cpu").float() / d))
-    s = args.rope_scaling
-    if s is None:
-        return inv
-    if s.get("rope_type") == "yarn":
-        return _yarn_inv_freq(d, args.rope_theta, s)
-    low_wl = s["original_max_position_embeddings"] / s["low_freq_factor"]
-    high_wl = s["original_max_position_embeddings"] / s["high_freq_factor"]
-    wavelen = 2 * math.pi / inv
-    scaled = torch.where(wavelen > low_wl, inv / s["factor"], inv)
-    smooth = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / (
-        s["high_freq_factor"] - s["low_freq_factor"]
-    )
-    smoothed = (1 - smooth) * scaled / s["factor"] + smooth * scaled
-    medium = (wavelen >= high_wl) & (wavelen <= low_wl)
-    return torch.where(medium, smoothed, scaled)
-
-
-def _yarn_inv_freq(d: int, base: float, s: dict[str, Any]) -> Tensor:
-    """yarn: interpolated (inv / factor) below the beta_slow..beta_fast correction range,
-    extrapolated (inv) above it, a linear ramp in between (transformers' formula)."""
-    def dim_of(rotations: float) -> float:
-        return d * math.log(s["original_max_position_embeddings"] / (rotations * 2 * math.pi)) / (
-            2 * math.log(base))
-
-    low, high = dim_of(s["beta_fast"]), dim_of(s["beta_slow"])
-    if s["truncate"]:
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, d - 1)
-    high += 0.001 if low == high else 0  # no zero-width ramp
-    idx = torch.arange(0, d, 2, device="cpu").float()  # cpu: built under torch.device("meta")
-    extrapolation = 1 - ((idx / 2 - low) / (high - low)).clamp(0, 1)  # 1 - linear ramp
-    pos = base ** (idx / d)
-    return 1.0 / (s["factor"] * pos) * (1 - extrapolation) + 1.0 / pos * extrapolation

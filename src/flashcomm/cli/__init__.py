@@ -27,6 +27,7 @@ BENCHES = {
     "series": ("flashcomm.bench.series", "layer-sharding ring: blocked wait vs compute window"),
     "comm": ("flashcomm.bench.comm", "per-layer communication time of every strategy"),
     "e2e": ("flashcomm.bench.e2e", "end-to-end latency, bytes and memory of every strategy"),
+    "cluster": ("flashcomm.bench.cluster", "emulated hosts on one machine: check, --sweep"),
 }
 
 

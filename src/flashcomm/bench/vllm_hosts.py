@@ -1,0 +1,410 @@
+"""vLLM across emulated hosts: stock vs the flashcomm plugin over one shaped link, per link rate.
+
+Needs root, iproute2 (flashcomm.bench.cluster) and the vLLM virtualenv. For each --rates value a
+2-host cluster is built (network namespaces, private /dev/shm, one bridge, tbf egress; each host
+owns its core). Every strategy is one vLLM instance of TP=--tp over the 2 hosts (TP/2 ranks per
+host): vLLM's offline engine with nnodes=2, node_rank=0 on host 0 (the driver, this file's
+`driver` role) and vLLM's headless multiproc executor (node_rank=1, as `vllm serve --headless`
+runs it) on host 1, each instance on its own master port, all alive at once. vLLM's CPU SHM
+communicator turns itself off across hosts, so stock's TP all-reduce is gloo over the link.
+
+Workloads: prefill = one prompt of --prompt-tokens tokens, max_tokens=1; generate = --gen-prompts
+short prompts x --gen-tokens greedy tokens. After a warm-up call (tokens kept), --rounds rounds
+call every instance once per workload in a rotating order; a ratio to stock is the median over
+rounds of time / stock's time in that round; `stock_again` is the A/A control. The bytes of each
+call are read off host 0's link counters (both directions). Then the link is unshaped and stock
+is timed again: share = 1 - t(unshaped) / t(rate) is stock's communication share of its prefill
+(a lower bound: the unshaped veth still costs a little). limit = 1 - share * (1 - bytes_ratio)
+is the best a strategy moving bytes_ratio of stock's link bytes can reach.
+
+    sudo .venv-vllm/bin/python -m flashcomm.bench.vllm_hosts --out results/vllm_hosts
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+FC2 = {"FLASHCOMM2_PARALLEL_SIZE": "1"}
+STRATEGIES: dict[str, dict[str, str]] = {
+    "stock": {},
+    "stock_again": {},  # a second stock instance: the A/A control
+    "fc2": FC2,
+    "fc2_int8": {**FC2, "FLASHCOMM_COMM_DTYPE": "int8"},
+    "auto": {**FC2, "FLASHCOMM2_MIN_TOKENS": "auto"},  # threshold fitted across the link
+    "auto_gather": {**FC2, "FLASHCOMM2_MIN_TOKENS": "auto", "FLASHCOMM_LAYER_SHARDING": "o_proj",
+                    "FLASHCOMM_SHARD_SOURCE": "gather", "FLASHCOMM_PREFETCH_STEP": "1"},
+}
+MARK = "@@vllm_hosts"
+"""Prefix of the driver's requests to the orchestrator on stdout (vLLM logs share the stream)."""
+BASE_PORT = 29600
+UNSHAPED_MBIT = 100_000.0
+"""'Unshaped': tbf at 100 Gbit/s, far above what the veth carries."""
+WORKER_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+              "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+"""Every process of an instance: vllm-cpu's platform (outside the offline path it is not
+detected), taskset already pins each host to its cores, engine core in the driver process."""
+
+
+def engine_kwargs(spec: dict[str, Any], port: int, node_rank: int) -> dict[str, Any]:
+    """vLLM EngineArgs of one instance on one host; identical on every host but node_rank."""
+    return dict(model=spec["model"], tensor_parallel_size=spec["tp"], dtype="float32",
+                enforce_eager=spec.get("eager", True), seed=0,
+                kv_cache_memory_bytes=spec.get("kv_bytes", 128 << 20),
+                max_model_len=spec["max_len"], max_num_batched_tokens=spec["max_len"],
+                max_num_seqs=spec.get("max_seqs", 8), enable_prefix_caching=False,
+                distributed_executor_backend="mp", nnodes=2, node_rank=node_rank,
+                master_addr=spec["master_addr"], master_port=port)
+
+
+def instance_env(spec: dict[str, Any], name: str, env: dict[str, str]) -> dict[str, str]:
+    """The FLASHCOMM* knobs of one instance and its own compile-cache root."""
+    return {**env, "VLLM_CACHE_ROOT": str(Path(spec["out"]) / "cache" / name)}
+
+
+# ---- host 1: vLLM's headless workers ----------------------------------------------------------
+
+def headless(spec: dict[str, Any], name: str) -> None:
+    """Host 1's side of one instance: vLLM's multiproc executor with node_rank=1, as
+    `vllm serve --nnodes 2 --node-rank 1 --headless` starts it, until SIGTERM."""
+    import signal
+
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    port = spec["ports"][name]
+    cfg = EngineArgs(**engine_kwargs(spec, port, 1)).create_engine_config(
+        UsageContext.OPENAI_API_SERVER, headless=True)
+    executor = MultiprocExecutor(cfg, monitor_workers=False)
+    try:
+        executor.start_worker_monitor(inline=True)
+    finally:
+        executor.shutdown()
+
+
+# ---- host 0: the engines, the rounds ----------------------------------------------------------
+
+def _link_bytes() -> tuple[int, int]:
+    """(bytes, frames) through this host's link so far, both directions."""
+    from flashcomm.bench.cluster import IFACE
+
+    base = Path("/sys/class/net") / IFACE / "statistics"
+    read = [int((base / f).read_text()) for f in ("tx_bytes", "rx_bytes", "tx_packets",
+                                                  "rx_packets")]
+    return read[0] + read[1], read[2] + read[3]
+
+
+def _call(llm: Any, prompts: list[str], params: Any) -> tuple[float, int, int, list]:
+    """One generate(): seconds, link bytes, link frames, outputs."""
+    b0, f0 = _link_bytes()
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    dt = time.perf_counter() - t0
+    b1, f1 = _link_bytes()
+    return dt, b1 - b0, f1 - f0, outs
+
+
+def _facts(worker: Any) -> dict[str, Any]:
+    from flashcomm.vllm import worker_report
+
+    r = worker_report(worker)
+    return {k: r.get(k) for k in ("rank", "flashcomm2_min_tokens", "impl", "o_proj_calls",
+                                  "o_proj_fc2_calls", "resident_o_proj_bytes")}
+
+
+def _ask(what: str) -> None:
+    """Ask the orchestrator for `what` and wait for its answer on stdin."""
+    print(f"{MARK} {what}", flush=True)
+    if sys.stdin.readline().strip() != "ok":
+        raise RuntimeError(f"orchestrator did not grant {what}")
+
+
+def driver(spec: dict[str, Any]) -> None:
+    """Host 0: every instance alive at once; warm-up, interleaved rounds, unshaped stock, JSON."""
+    from vllm import SamplingParams
+
+    from flashcomm.vllm import llm_with_env
+
+    names, work = list(spec["instances"]), spec["work"]
+    params = {k: SamplingParams(temperature=0.0, max_tokens=w["max_tokens"], ignore_eos=True)
+              for k, w in work.items()}
+    res: dict[str, dict[str, Any]] = {n: {} for n in names}
+    out = Path(spec["out"]) / "driver.json"
+    with contextlib.ExitStack() as stack:
+        llms = {}
+        for n in names:
+            t0 = time.perf_counter()
+            try:
+                llms[n] = stack.enter_context(llm_with_env(
+                    instance_env(spec, n, spec["instances"][n]),
+                    **engine_kwargs(spec, spec["ports"][n], 0)))
+            except Exception as e:  # reported per instance; the rest still run
+                res[n]["error"] = f"{type(e).__name__}: {e}"
+                print(f"{MARK} failed {n}", flush=True)
+                continue
+            res[n]["startup_s"] = time.perf_counter() - t0
+            for k, w in work.items():
+                outs = _call(llms[n], w["prompts"], params[k])[3]
+                res[n][f"{k}_tokens"] = [list(o.outputs[0].token_ids) for o in outs]
+                res[n].update({f"{k}_s": [], f"{k}_bytes": [], f"{k}_frames": []})
+        alive = [n for n in names if n in llms]
+        for r in range(spec["rounds"]):
+            for i in range(len(alive)):
+                n = alive[(i + r) % len(alive)]
+                for k, w in work.items():
+                    dt, nb, nf, _ = _call(llms[n], w["prompts"], params[k])
+                    res[n][f"{k}_s"].append(dt)
+                    res[n][f"{k}_bytes"].append(nb)
+                    res[n][f"{k}_frames"].append(nf)
+        controls = [n for n in ("stock", "stock_again") if n in llms]
+        if spec.get("unshaped_rounds") and controls:
+            _ask("unshape")
+            for n in controls:
+                res[n]["prefill_unshaped_s"] = []
+            for r in range(spec["unshaped_rounds"]):
+                for n in controls[r % 2:] + controls[:r % 2]:
+                    res[n]["prefill_unshaped_s"].append(
+                        _call(llms[n], work["prefill"]["prompts"], params["prefill"])[0])
+        for n in alive:
+            if STRATEGIES.get(n) or spec["instances"][n]:
+                res[n]["facts"] = llms[n].collective_rpc(_facts)
+        out.write_text(json.dumps(res))
+    print(f"{MARK} done", flush=True)
+
+
+# ---- the orchestrator (root namespace) --------------------------------------------------------
+
+def _module_argv(role: str, spec_path: Path, name: str = "") -> list[str]:
+    return [sys.executable, "-m", "flashcomm.bench.vllm_hosts", "--role", role,
+            "--spec", str(spec_path), *(["--name", name] if name else [])]
+
+
+def run_instances(cluster: Any, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run `spec` on a started 2-host cluster: host 1's headless side of every instance, then the
+    driver on host 0; unshape the link when the driver asks. Returns the driver's results."""
+    from flashcomm.config import FlashCommConfig
+
+    out = Path(spec["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    spec = {**spec, "master_addr": cluster.addr(0),
+            "ports": {n: BASE_PORT + 10 * i for i, n in enumerate(spec["instances"])}}
+    spec_path = out / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    base = {k: v for k, v in os.environ.items() if k not in FlashCommConfig.env_names()}
+    procs = []
+    with open(out / "host1.log", "w") as log1, open(out / "host0.log", "w") as log0:
+        try:
+            for name, env in spec["instances"].items():
+                procs.append(cluster.popen(1, _module_argv("headless", spec_path, name),
+                                           env={**base, **WORKER_ENV,
+                                                **instance_env(spec, name, env)},
+                                           stdout=log1, stderr=subprocess.STDOUT))
+            drv = cluster.popen(0, _module_argv("driver", spec_path), env={**base, **WORKER_ENV},
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+            timer = threading.Timer(timeout, drv.kill)
+            timer.start()
+            assert drv.stdout is not None and drv.stdin is not None
+            for line in drv.stdout:
+                log0.write(line)
+                if line.startswith(f"{MARK} unshape"):
+                    for i in range(2):
+                        cluster.set_rate(i, UNSHAPED_MBIT)
+                    drv.stdin.write("ok\n")
+                    drv.stdin.flush()
+            rc = drv.wait()
+            timer.cancel()
+        finally:
+            for p in procs:
+                with contextlib.suppress(OSError):
+                    os.killpg(p.pid, 15)
+            for p in procs:
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, 9)
+    result = out / "driver.json"
+    if rc != 0 or not result.exists():
+        tail = (out / "host0.log").read_text()[-3000:]
+        raise RuntimeError(f"vllm_hosts driver on host 0 ended with {rc} (timeout {timeout} s):"
+                           f"\n{tail}")
+    return json.loads(result.read_text())
+
+
+def summarize(res: dict[str, Any]) -> dict[str, Any]:
+    """Ratios to stock (median of per-round ratios), link bytes ratio, share, limit, tokens."""
+    stock = res["stock"]
+    share = None
+    if stock.get("prefill_unshaped_s"):
+        share = 1 - statistics.median(stock["prefill_unshaped_s"]) / statistics.median(
+            stock["prefill_s"])
+    rows = {}
+    for n, r in res.items():
+        if "error" in r or not r.get("prefill_s"):
+            rows[n] = {"error": r.get("error", "no rounds")}
+            continue
+        row: dict[str, Any] = {}
+        for k in ("prefill", "generate"):
+            per = [t / b for t, b in zip(r[f"{k}_s"], stock[f"{k}_s"], strict=True)]
+            row[f"{k}_ratio"] = statistics.median(per)
+            row[f"{k}_ratio_range"] = [min(per), max(per)]
+            row[f"{k}_median_s"] = statistics.median(r[f"{k}_s"])
+            row[f"{k}_link_bytes"] = statistics.median(r[f"{k}_bytes"])
+            row[f"{k}_bytes_ratio"] = row[f"{k}_link_bytes"] / statistics.median(
+                stock[f"{k}_bytes"])
+            same = [a == b for a, b in zip(r[f"{k}_tokens"], stock[f"{k}_tokens"], strict=True)]
+            row[f"{k}_same_tokens"] = all(same)
+            flat = [(x == y) for a, b in zip(r[f"{k}_tokens"], stock[f"{k}_tokens"], strict=True)
+                    for x, y in zip(a, b, strict=True)]
+            row[f"{k}_token_agreement"] = sum(flat) / len(flat)
+        if share is not None:
+            row["limit"] = 1 - share * (1 - row["prefill_bytes_ratio"])
+            row["prefill_vs_limit"] = row["prefill_ratio"] - row["limit"]
+        row["facts"] = r.get("facts")
+        rows[n] = row
+    return {"stock_comm_share": share, "strategies": rows}
+
+
+def workloads(prompt_tokens: int, gen_prompts: int, gen_tokens: int) -> dict[str, Any]:
+    """Prefill: one prompt of prompt_tokens tokens (BOS included); generate: short prompts."""
+    from flashcomm.bench.vllm_prefill import WORDS
+
+    long = " ".join(WORDS[(7 * j + 3) % len(WORDS)] for j in range(prompt_tokens - 1))
+    short = [" ".join(WORDS[(11 * p + 3 * j) % len(WORDS)] for j in range(8 + 4 * p))
+             for p in range(gen_prompts)]
+    return {"prefill": {"prompts": [long], "max_tokens": 1},
+            "generate": {"prompts": short, "max_tokens": gen_tokens}}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the cross-host vLLM benchmark."""
+    parser.add_argument("--out", default="results/vllm_hosts", help="output directory")
+    parser.add_argument("--model", help="checkpoint dir (default: build a random Llama)")
+    parser.add_argument("--tp", type=int, default=4, help="TP size over the 2 hosts (even)")
+    parser.add_argument("--rates", default="100,1000,10000", help="link rates, Mbit/s")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=2048)
+    parser.add_argument("--gen-prompts", type=int, default=4)
+    parser.add_argument("--gen-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds")
+    parser.add_argument("--unshaped-rounds", type=int, default=4,
+                        help="stock prefill rounds on the unshaped link (the share)")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES),
+                        help=f"comma-separated subset of {list(STRATEGIES)} (stock first)")
+    parser.add_argument("--timeout", type=float, default=3000, help="seconds per rate")
+
+
+def main(args: argparse.Namespace) -> int:
+    """One cluster per rate, every strategy's instance alive in it; JSON + plot to --out."""
+    from flashcomm.bench.cluster import Cluster, unavailable
+    from flashcomm.bench.vllm_prefill import build_random_llama
+
+    why = unavailable()
+    if why:
+        print(f"vllm_hosts: {why}", file=sys.stderr)
+        return 2
+    names = [s for s in args.strategies.split(",") if s]
+    bad = [s for s in names if s not in STRATEGIES]
+    if bad or names[:1] != ["stock"]:
+        raise SystemExit(f"--strategies={args.strategies}: start with stock, choose from "
+                         f"{list(STRATEGIES)}")
+    out = Path(args.out).resolve()
+    model = args.model or str(build_random_llama(
+        out / "model", layers=args.layers, hidden=args.hidden, heads=args.heads,
+        kv_heads=args.heads // 2, head_dim=args.head_dim, intermediate=args.hidden * 2))
+    work = workloads(args.prompt_tokens, args.gen_prompts, args.gen_tokens)
+    report: dict[str, Any] = {"args": vars(args), "model": model, "rates": {}}
+    cores = sorted(os.sched_getaffinity(0))
+    half = max(1, len(cores) // 2)
+    for rate in [float(r) for r in args.rates.split(",")]:
+        spec = {"model": model, "tp": args.tp, "max_len": args.prompt_tokens + args.gen_tokens + 64,
+                "instances": {n: STRATEGIES[n] for n in names}, "work": work,
+                "rounds": args.rounds, "unshaped_rounds": args.unshaped_rounds,
+                "out": str(out / f"rate_{rate:g}")}
+        t0 = time.perf_counter()
+        with Cluster(hosts=2, rate_mbit=rate, cores=[cores[:half], cores[half:] or cores[:1]]) as c:
+            raw = run_instances(c, spec, args.timeout)
+        load = os.getloadavg()
+        report["rates"][f"{rate:g}"] = {**summarize(raw), "raw": raw, "loadavg": load,
+                                        "wall_s": time.perf_counter() - t0}
+        (out / "vllm_hosts.json").write_text(json.dumps(report, indent=1))
+        _print_rate(rate, report["rates"][f"{rate:g}"])
+    _plot(report, out / "vllm_hosts.png")
+    return 0
+
+
+def _print_rate(rate: float, r: dict[str, Any]) -> None:
+    share = r["stock_comm_share"]
+    print(f"--- {rate:g} Mbit/s: stock comm share of prefill "
+          f"{'n/a' if share is None else f'{share:.3f}'}  load {r['loadavg']}")
+    for n, row in r["strategies"].items():
+        if "error" in row:
+            print(f"{n:12s} ERROR {row['error']}")
+            continue
+        print(f"{n:12s} prefill {row['prefill_median_s'] * 1e3:8.1f} ms x{row['prefill_ratio']:.3f}"
+              f" bytes x{row['prefill_bytes_ratio']:.3f} limit {row.get('limit', float('nan')):.3f}"
+              f"  generate {row['generate_median_s'] * 1e3:8.1f} ms x{row['generate_ratio']:.3f}"
+              f"  same tokens {row['prefill_same_tokens'] and row['generate_same_tokens']}"
+              f" agreement {row['generate_token_agreement']:.3f}")
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = sorted(report["rates"], key=float)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    names = [n for n in report["rates"][rates[0]]["strategies"] if n != "stock"]
+    for ax, key in zip(axes, ("prefill", "generate"), strict=True):
+        for n in names:
+            ys = [report["rates"][r]["strategies"][n].get(f"{key}_ratio") for r in rates]
+            ax.plot([float(r) for r in rates], ys, marker="o", label=n)
+        if key == "prefill":
+            lim = [report["rates"][r]["strategies"].get("fc2_int8", {}).get("limit")
+                   for r in rates]
+            if all(v is not None for v in lim):
+                ax.plot([float(r) for r in rates], lim, "k--", lw=0.8, label="limit (fc2_int8)")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("link rate (Mbit/s)")
+        ax.set_ylabel(f"{key} time / stock vLLM")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"vLLM TP={report['args']['tp']} over 2 hosts", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    parser.add_argument("--role", choices=("main", "driver", "headless"), default="main",
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    parser.add_argument("--name", help=argparse.SUPPRESS)
+    cli = parser.parse_args()
+    if cli.role == "driver":
+        driver(json.loads(Path(cli.spec).read_text()))
+    elif cli.role == "headless":
+        headless(json.loads(Path(cli.spec).read_text()), cli.name)
+    else:
+        raise SystemExit(main(cli))

@@ -129,14 +129,19 @@ class ModelArgs:
         """Whether any layer routes its tokens to experts."""
         return bool(self.moe_layers)
 
-    def mlp_weights(self, tp: int) -> int:
+    def mlp_weights(self, tp: int, expert_parallel: bool = False) -> int:
         """MLP weight elements one of `tp` ranks holds over all layers: dense 3*H*I/N; MoE the
-        replicated router E*H plus 3*H*I_moe*E/N (1/N of every expert, or E/N whole ones);
+        replicated router E*H plus 3*H*I_moe*E/N (1/N of every expert), or under expert
+        parallelism the largest rank's ceil(E/N) whole experts (expert_range's rank 0);
         DeepSeek adds the router's bias E and 1/N of the shared experts."""
         n_moe = len(self.moe_layers)
         dense = (self.n_layers - n_moe) * 3 * self.dim * self.intermediate_size // tp
-        experts = 3 * self.dim * self.moe_intermediate_size * (
-            self.n_experts + self.n_shared_experts) // tp
+        one = 3 * self.dim * self.moe_intermediate_size  # one expert's gate, up and down
+        if expert_parallel and tp > 1:
+            e0, e1 = expert_range(self.n_experts, tp, 0)
+            experts = one * (e1 - e0) + one * self.n_shared_experts // tp
+        else:
+            experts = one * (self.n_experts + self.n_shared_experts) // tp
         bias = self.n_experts if self.model_type == "deepseek_v3" else 0
         return dense + n_moe * (self.n_experts * self.dim + bias + experts)
 
@@ -205,6 +210,15 @@ class ModelArgs:
             return cls.from_hf_config(json.loads(f.read_text()))
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+
+
+def expert_range(n_experts: int, tp: int, rank: int) -> tuple[int, int]:
+    """[start, end) of the whole experts TP rank `rank` of `tp` holds under expert parallelism."""
+    # vLLM's linear placement (determine_expert_map), so both engines hold the same experts:
+    # floor(E/N) each, and the first E mod N ranks one more
+    base, extra = divmod(n_experts, tp)
+    start = rank * base + min(rank, extra)
+    return start, start + base + int(rank < extra)
 
 
 def _rope_params(cfg: dict[str, Any], default_theta: float,

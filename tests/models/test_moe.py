@@ -3,6 +3,8 @@ real gloo ranks (N = 2 and 4) against Hugging Face transformers on the same rand
 
 8 experts, top-2, 3-4 layers, kv heads (2) < N = 4; the Qwen3-MoE has a dense layer (1), D != H
 and no renormalisation of the top-k weights, the Mixtral renormalises and writes head_dim null.
+Two more Qwen3-MoE with 6 and 10 experts run the expert-parallel strategies at N = 4, where the
+experts split unevenly (2, 2, 1, 1 and 3, 3, 2, 2 per rank, as vLLM places them).
 One spawned group per N runs every (strategy, checkpoint) pair.
 """
 
@@ -18,13 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROMPTS, prefill_logits, run_per_strategy
+from conftest import PROMPTS, prefill_logits
 from safetensors.torch import load_file, save_file
 
 from flashcomm.config import FlashCommConfig
 from flashcomm.knobs import ConfigError
 from flashcomm.layout import ParallelLayout
-from flashcomm.model_args import CheckpointError, ModelArgs
+from flashcomm.model_args import CheckpointError, ModelArgs, expert_range
 from flashcomm.models.engine import Engine
 from flashcomm.models.moe import MoEFeedForward
 from flashcomm.plan.planner import weight_bytes_per_rank
@@ -56,14 +58,31 @@ def moe_checkpoints(tmp_path_factory) -> dict[str, Path]:
     return {name: root / name for name in HF_MOE}
 
 
+UNEVEN = {"qwen3_moe_e6": dict(num_experts=6),
+          "qwen3_moe_e10": dict(num_experts=10, num_experts_per_tok=3, norm_topk_prob=True)}
+"""Qwen3-MoE checkpoints whose experts do not divide over N = 4 ranks."""
+
+
 @pytest.fixture(scope="module")
-def hf_reference(moe_checkpoints) -> dict[str, dict]:
+def uneven_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """name -> directory of a Qwen3-MoE with 6 or 10 experts (random weights)."""
+    import transformers
+
+    root = tmp_path_factory.mktemp("uneven")
+    for i, (name, extra) in enumerate(UNEVEN.items()):
+        torch.manual_seed(20 + i)
+        cfg = transformers.Qwen3MoeConfig(**{**COMMON, **HF_MOE["qwen3_moe"][2], **extra})
+        transformers.Qwen3MoeForCausalLM(cfg).eval().save_pretrained(root / name)
+    return {name: root / name for name in UNEVEN}
+
+
+def _hf_outputs(checkpoints: dict[str, Path]) -> dict[str, dict]:
     """Per checkpoint: transformers' logits of PROMPTS ([T, V], concatenated) and greedy tokens
     of PROMPTS and FEW, each prompt generated alone."""
     from transformers import AutoModelForCausalLM
 
     out = {}
-    for name, path in moe_checkpoints.items():
+    for name, path in checkpoints.items():
         hf = AutoModelForCausalLM.from_pretrained(path).eval()
         with torch.no_grad():
             logits = torch.cat([hf(torch.tensor([p])).logits[0] for p in PROMPTS])
@@ -74,6 +93,12 @@ def hf_reference(moe_checkpoints) -> dict[str, dict]:
                         .tolist() for p in prompts]
             out[name] = {"logits": logits, "tokens": greedy(PROMPTS), "few": greedy(FEW)}
     return out
+
+
+@pytest.fixture(scope="module")
+def hf_reference(moe_checkpoints, uneven_checkpoints) -> dict[str, dict]:
+    """_hf_outputs of every checkpoint of this file."""
+    return _hf_outputs({**moe_checkpoints, **uneven_checkpoints})
 
 
 # ---- config.json -------------------------------------------------------------------------------
@@ -129,9 +154,18 @@ def test_expert_parallel_knob_and_split_errors(moe_checkpoints) -> None:
     assert TPPlan.build(args, 4, 1).experts == (0, 8)
     assert TPPlan.build(args, 4, 1).expert_ffn == (16, 32)
     assert TPPlan.build(args, 4, 1, expert_parallel=True).expert_ffn == (0, 64)
-    odd = replace(args, n_experts=6)
-    with pytest.raises(ConfigError, match=r"expert_parallel=True.*num_experts=6.*\[1, 2, 3, 6\]"):
-        TPPlan.build(odd, 4, 0, expert_parallel=True)
+    # uneven: floor(E/N) each, one more on the first E mod N ranks (vLLM's determine_expert_map)
+    for e, want in ((6, [(0, 2), (2, 4), (4, 5), (5, 6)]), (10, [(0, 3), (3, 6), (6, 8), (8, 10)]),
+                    (60, [(0, 15), (15, 30), (30, 45), (45, 60)])):
+        odd = replace(args, n_experts=e)
+        assert [TPPlan.build(odd, 4, r, expert_parallel=True).experts for r in range(4)] == want
+    assert [expert_range(40, 6, r) for r in range(6)] == [
+        (0, 7), (7, 14), (14, 21), (21, 28), (28, 34), (34, 40)]
+    few = replace(args, n_experts=3)  # a rank without an expert is refused
+    with pytest.raises(ConfigError, match=r"expert_parallel=True \(--expert-parallel\) at tp=4: "
+                                          r"num_experts=3 is below tp.*allowed tp: 1 to 3"):
+        TPPlan.build(few, 4, 0, expert_parallel=True)
+    assert TPPlan.build(few, 2, 1, expert_parallel=True).experts == (2, 3)
     with pytest.raises(ConfigError, match=r"moe_intermediate_size=30.*--expert-parallel"):
         TPPlan.build(replace(args, moe_intermediate_size=30), 4, 0)
     dense = replace(args, model_type="llama", moe_layers=(), n_experts=0)
@@ -239,12 +273,33 @@ def _report(engine: Engine) -> dict:
             "weight_bytes": res.weight_bytes, "read": engine.load_report.names}
 
 
+def _rank(rank: int, world: int, paths: dict[str, str], uneven: dict[str, str]) -> dict:
+    """Every strategy on `paths`, the expert-parallel ones on `uneven` too (one set of groups
+    per strategy): {(strategy, checkpoint): _report}."""
+    from flashcomm.groups import ParallelGroups
+
+    out = {}
+    for name, cfg in strategies(world).items():
+        groups = ParallelGroups.from_config(cfg, world)
+        for ck, path in {**paths, **(uneven if cfg.expert_parallel else {})}.items():
+            out[name, ck] = _report(Engine.from_checkpoint(path, cfg, groups, progress=False))
+    return out
+
+
 @pytest.mark.parametrize("n", [2, 4])
-def test_every_strategy_matches_transformers(moe_checkpoints, hf_reference, n) -> None:
-    per_rank = run_per_strategy(strategies, _report, moe_checkpoints, n, timeout_s=400)
+def test_every_strategy_matches_transformers(moe_checkpoints, uneven_checkpoints, hf_reference,
+                                             n) -> None:
+    from flashcomm.launch import run_local
+
+    # 6 and 10 experts divide evenly over 2 ranks: the uneven checkpoints run at N = 4 only
+    uneven = {ck: str(p) for ck, p in uneven_checkpoints.items()} if n == 4 else {}
+    per_rank = run_local(_rank, n, {ck: str(p) for ck, p in moe_checkpoints.items()}, uneven,
+                         timeout_s=400, group_timeout_s=120)
     for name, cfg in strategies(n).items():
-        for ck in HF_MOE:
-            ref, args = hf_reference[ck], ModelArgs.from_dir(moe_checkpoints[ck])
+        for ck in [*HF_MOE, *(uneven if cfg.expert_parallel else ())]:
+            ref, args = hf_reference[ck], ModelArgs.from_dir(
+                (moe_checkpoints | uneven_checkpoints)[ck])
+            planned = weight_bytes_per_rank(args, n, Strategy.from_config(cfg), 4)
             for rank, out in enumerate(per_rank):
                 got, where = out[name, ck], f"{name} {ck} rank {rank} of {n}"
                 torch.testing.assert_close(got["logits"], ref["logits"], rtol=1e-4, atol=1e-4,
@@ -253,16 +308,23 @@ def test_every_strategy_matches_transformers(moe_checkpoints, hf_reference, n) -
                 assert got["few"] == ref["few"], where
                 ep_bytes = sum(v for op, v in got["comm"].items() if op.startswith("ep_"))
                 assert (ep_bytes > 0) == cfg.expert_parallel, (where, got["comm"])
-                # E/N whole experts weigh what 1/N of every expert does, as the planner counts
-                plain = out["fc2" if cfg.flashcomm2 else "allreduce", ck]
-                if "o_proj" not in cfg.layer_sharding:
-                    assert got["weight_bytes"] == plain["weight_bytes"], where
-                    planned = weight_bytes_per_rank(args, n, Strategy.from_config(cfg), 4)
-                    assert got["weight_bytes"] == planned[1], where
                 experts = {int(s.split(".")[5]) for s in got["read"] if ".experts." in s}
-                per = args.n_experts // n
-                want = range(rank * per, (rank + 1) * per) if cfg.expert_parallel else range(8)
+                want = range(*expert_range(args.n_experts, n, rank)) if cfg.expert_parallel \
+                    else range(args.n_experts)
                 assert experts == set(want), where
+            if "o_proj" in cfg.layer_sharding:
+                continue
+            held = [out[name, ck]["weight_bytes"] for out in per_rank]
+            # the planner counts the rank holding the most experts: rank 0 under EP
+            assert held[0] == max(held) == planned[1], (name, ck, held, planned)
+            if ck in HF_MOE:  # E/N whole experts weigh what 1/N of every expert does
+                plain = [out["fc2" if cfg.flashcomm2 else "allreduce", ck]["weight_bytes"]
+                         for out in per_rank]
+                assert held == plain, (name, ck)
+            elif n == 4:  # one expert more on the first E mod N ranks
+                one = 3 * args.dim * args.moe_intermediate_size * len(args.moe_layers) * 4
+                extra = args.n_experts % n
+                assert held == [planned[1]] * extra + [planned[1] - one] * (n - extra), (name, ck)
 
 
 def test_mlp_weight_counts_match_the_loaded_model(moe_checkpoints) -> None:

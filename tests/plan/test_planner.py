@@ -78,3 +78,24 @@ def test_cli_json_and_errors(model_dir) -> None:
                          timeout=120)
     assert out.returncode == 2 and "profile='nope.json'" in out.stderr
     assert len(out.stderr.splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+QWEN3_30B = {"model_type": "qwen3_moe", "hidden_size": 2048, "num_hidden_layers": 48,
+             "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+             "intermediate_size": 6144, "moe_intermediate_size": 768, "num_experts": 128,
+             "num_experts_per_tok": 8, "vocab_size": 151936}
+
+
+def test_uneven_expert_parallel_counts_the_largest_rank() -> None:
+    from flashcomm.model_args import expert_range
+    from flashcomm.plan.planner import weight_bytes_per_rank
+    from flashcomm.plan.strategy import Strategy
+
+    one = 3 * 2048 * 768 * 48 * 2  # one expert of every layer, bf16
+    for e, tp in ((60, 8), (40, 6), (128, 8)):  # 60 at tp=8: 8, 8, 8, 8, 7, 7, 7, 7 per rank
+        m = ModelArgs.from_hf_config({**QWEN3_30B, "num_experts": e})
+        most = max(b - a for a, b in (expert_range(e, tp, r) for r in range(tp)))
+        assert most == math.ceil(e / tp)
+        tp_experts = weight_bytes_per_rank(m, tp, Strategy(), 2)[1]  # 1/N of every expert
+        ep = weight_bytes_per_rank(m, tp, Strategy(expert_parallel=True), 2)[1]
+        assert ep - tp_experts == pytest.approx((most - e / tp) * one), (e, tp)

@@ -8,11 +8,12 @@ the experts of its topk_group best groups only. Its weights are the plain sigmoi
 picked experts, renormalised (norm_topk_prob) and times routed_scaling_factor.
 
 TP: the router (weight and bias) is replicated and loaded in fp32, as transformers keeps it; the
-routed experts are moe.py's (TP slices of every expert, or E/N whole ones under expert
-parallelism); the shared experts (one SwiGLU of inner size n_shared * moe_intermediate_size) are
-split over the TP ranks like the dense MLP, so their partial sum joins the routed one in the
-block's reduction. Under expert parallelism the routed output is already complete, so the shared
-partial sum is reduced on its own (all-reduce; all-gather + reduce-scatter under FlashComm1).
+routed experts are moe.py's (TP slices of every expert, or floor(E/N) whole ones, one more on the
+first E mod N ranks, under expert parallelism); the shared experts (one SwiGLU of inner size
+n_shared * moe_intermediate_size) are split over the TP ranks like the dense MLP, so their
+partial sum joins the routed one in the block's reduction. Under expert parallelism the routed
+output is already complete, so the shared partial sum is reduced on its own (all-reduce;
+all-gather + reduce-scatter under FlashComm1).
 """
 
 from __future__ import annotations

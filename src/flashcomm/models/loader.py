@@ -140,8 +140,8 @@ def tensor_specs(args: ModelArgs, plan: TPPlan, layers: range | None = None) -> 
 
 def _moe_specs(args: ModelArgs, plan: TPPlan, i: int, target: str) -> list[TensorSpec]:
     """Layer i's router (replicated) and this rank's experts: a slice of every expert's inner
-    columns (TP experts) or its E/N whole experts (expert parallel); `target`: the layer's
-    module prefix (layers.<stage-local index>.)."""
+    columns (TP experts) or its whole experts (expert parallel: TPPlan.experts, floor(E/N) or
+    one more); `target`: the layer's module prefix (layers.<stage-local index>.)."""
     block, gate, up, down = MOE_TENSOR_NAMES[args.model_type]
     p, t = f"model.layers.{i}.{block}.", f"{target}feed_forward."
     h, inner, cols = args.dim, args.moe_intermediate_size, plan.expert_ffn

@@ -8,12 +8,14 @@ held in one of two ways over the N TP ranks (TPPlan.experts / TPPlan.expert_ffn)
     expert's gate/up and the same rows of its down. `forward` returns a partial sum [T, H] that
     the TransformerBlock reduces exactly like the dense MLP's (all-reduce, or reduce-scatter
     under FlashComm1);
-  * expert parallel (`expert_parallel` knob): rank r holds the E/N whole experts
-    [r*E/N, (r+1)*E/N). `forward_ep` routes only this rank's token chunk [T_pad/N, H] (FlashComm1's
-    chunk, or the rank's slice of the replicated [T, H]), sends every (token, expert) row to the
-    expert's owner with one all-to-all over the TP group, runs the rows it received through its
-    experts and sends them back with a second all-to-all. The chunk it returns is complete (no
-    reduction); without FlashComm1 an all-gather restores [T, H].
+  * expert parallel (`expert_parallel` knob): rank r holds whole experts, floor(E/N) of them
+    and one more on the first E mod N ranks (vLLM's linear placement, model_args.expert_range;
+    6 experts at N = 4: 2, 2, 1, 1). `forward_ep` routes only this rank's token chunk
+    [T_pad/N, H] (FlashComm1's chunk, or the rank's slice of the replicated [T, H]), sends every
+    (token, expert) row to the expert's owner with one all-to-all over the TP group (split sizes
+    per owner, so ranks holding different expert counts exchange alike), runs the rows it
+    received through its experts and sends them back with a second all-to-all. The chunk it
+    returns is complete (no reduction); without FlashComm1 an all-gather restores [T, H].
 
 Dispatch: the (token, slot) pairs are sorted by expert, and each active expert runs one matmul
 chain over all of its rows: the Python loop is over experts, never over tokens. Experts that
@@ -31,7 +33,7 @@ from torch import Tensor, nn
 
 from flashcomm import comm
 from flashcomm.groups import GroupHandle
-from flashcomm.model_args import ModelArgs
+from flashcomm.model_args import ModelArgs, expert_range
 from flashcomm.models.parallel import TPContext, TPPlan
 
 MOE_TENSOR_NAMES = {
@@ -57,7 +59,7 @@ class Expert(nn.Module):
 
 
 class MoEFeedForward(nn.Module):
-    """Replicated router + this rank's experts (all of them sliced, or E/N of them whole)."""
+    """Replicated router + this rank's experts (all of them sliced, or some of them whole)."""
 
     def __init__(self, args: ModelArgs, plan: TPPlan) -> None:
         super().__init__()
@@ -68,6 +70,9 @@ class MoEFeedForward(nn.Module):
         self.cast_weights = args.model_type == "qwen3_moe"
         self.expert_parallel = e1 - e0 < args.n_experts
         """Whether this rank holds whole experts (forward_ep) instead of slices of all."""
+        self.owned = tuple(b - a for a, b in (expert_range(args.n_experts, plan.tp, i)
+                                              for i in range(plan.tp)))
+        """Expert parallel: how many experts each TP rank holds, in rank order."""
         self.gate = nn.Linear(args.dim, args.n_experts, bias=False)
         inner = plan.expert_ffn[1] - plan.expert_ffn[0]
         self.experts = nn.ModuleList(Expert(args.dim, inner) for _ in range(e0, e1))
@@ -117,13 +122,15 @@ class MoEFeedForward(nn.Module):
         flat = ids.reshape(-1)
         order = flat.argsort(stable=True)
         per_expert = torch.bincount(flat, minlength=self.n_experts)  # [E] rows sent per expert
-        # how many rows each source sends to each of my experts: [N, E/N]
-        recv_counts = _exchange_counts(per_expert, group, counter).view(n, -1)
-        send_splits = per_expert.view(n, -1).sum(1).tolist()
+        # how many rows each source sends to each of my experts: [N, E_r]
+        recv_counts = _exchange_counts(per_expert, self.owned, group, counter).view(n, -1)
+        owner = torch.repeat_interleave(torch.arange(n), torch.tensor(self.owned))  # [E]
+        send_splits = per_expert.new_zeros(n).index_add_(  # rows per owner, one host sync
+            0, owner.to(per_expert.device), per_expert).tolist()
         recv_splits = recv_counts.sum(1).tolist()
         recv = _all_to_all_rows(mine[order // self.top_k], send_splits, recv_splits, group,
                                 counter, "ep_dispatch")  # [R, H]: by source, then by expert
-        local = torch.arange(recv_counts.shape[1]).repeat(n)  # [N*E/N] expert of each block
+        local = torch.arange(self.owned[r]).repeat(n)  # [N*E_r] my expert of each block
         by_expert = torch.repeat_interleave(local, recv_counts.reshape(-1)).argsort(stable=True)
         by_expert = by_expert.to(x.device)  # [R] received rows grouped by my expert
         ys = torch.empty_like(recv)
@@ -136,14 +143,16 @@ class MoEFeedForward(nn.Module):
         return comm.all_gather_tokens(out, num_tokens, group, counter)  # [T, H]
 
 
-def _exchange_counts(per_expert: Tensor, group: GroupHandle,
+def _exchange_counts(per_expert: Tensor, owned: tuple[int, ...], group: GroupHandle,
                      counter: comm.CommCounter | None) -> Tensor:
-    """[E] rows this rank sends per expert -> [E] (N blocks of E/N): rows each source sends to
-    each of this rank's experts. One small all-to-all, then a host sync for the split sizes."""
-    out = torch.empty_like(per_expert)
-    dist.all_to_all_single(out, per_expert, group=group.group)
+    """[E] rows this rank sends per expert, owned[i] experts on member i -> [N * owned[rank]]
+    (N blocks): rows each source sends to each of this rank's experts. One small all-to-all,
+    then a host sync for the split sizes."""
+    mine = owned[group.rank]
+    out = per_expert.new_empty(group.size * mine)
+    dist.all_to_all_single(out, per_expert, [mine] * group.size, list(owned), group=group.group)
     if counter is not None:
-        counter.add("ep_counts", (group.size - 1) * per_expert.numel() // group.size * 8)
+        counter.add("ep_counts", (per_expert.numel() - mine) * per_expert.element_size())
     return out.cpu()
 
 

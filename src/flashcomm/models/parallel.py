@@ -10,7 +10,7 @@ from flashcomm.config import FlashCommConfig
 from flashcomm.gathered import GatheredSeries
 from flashcomm.groups import GroupHandle, ParallelGroups
 from flashcomm.knobs import AUTO, ConfigError
-from flashcomm.model_args import ModelArgs
+from flashcomm.model_args import ModelArgs, expert_range
 from flashcomm.sharding import ShardedSeries
 
 
@@ -21,12 +21,12 @@ def expert_split(args: ModelArgs, tp: int, rank: int,
     if not args.is_moe:
         return (0, 0), (0, 0)
     if expert_parallel:
-        if e % tp:
+        if e < tp:  # a rank without an expert would idle through every MoE layer: refuse it
             raise ConfigError(
-                f"expert_parallel=True (--expert-parallel) at tp={tp}: num_experts={e} must be a "
-                f"multiple of tp (each rank holds E/N whole experts); allowed tp: "
-                f"{[n for n in range(1, e + 1) if not e % n]}")
-        return (rank * e // tp, (rank + 1) * e // tp), (0, inner)
+                f"expert_parallel=True (--expert-parallel) at tp={tp}: num_experts={e} is below "
+                f"tp (every rank holds at least one whole expert); allowed tp: 1 to {e}, or "
+                f"drop --expert-parallel")
+        return expert_range(e, tp, rank), (0, inner)
     if inner % tp:
         raise ConfigError(
             f"tp={tp}: moe_intermediate_size={inner} is not divisible by tp (TP experts split "
@@ -54,7 +54,8 @@ class TPPlan:
     o_cols: tuple[int, int]
     """[start, end) of o_proj input columns (of D) held: D/N, D/otp or all of D."""
     experts: tuple[int, int] = (0, 0)
-    """MoE: [start, end) of the experts held (all of them, or E/N under expert parallelism)."""
+    """MoE: [start, end) of the experts held (all of them, or under expert parallelism
+    floor(E/N) whole ones, one more on the first E mod N ranks: model_args.expert_range)."""
     expert_ffn: tuple[int, int] = (0, 0)
     """MoE: [start, end) of each held expert's inner columns (I/N, or all of I under EP)."""
 
@@ -62,7 +63,8 @@ class TPPlan:
     def build(cls, args: ModelArgs, tp: int, rank: int, otp: int = 0,
               expert_parallel: bool = False) -> TPPlan:
         """Split `args` over `tp` ranks; otp > 0 means FlashComm2 (W_o slice of its odp group);
-        expert_parallel: MoE ranks hold E/N whole experts instead of 1/N of every expert."""
+        expert_parallel: MoE ranks hold whole experts (E/N, +1 on the first E mod N ranks)
+        instead of 1/N of every expert."""
         if args.n_heads % tp or args.intermediate_size % tp or (
                 args.n_kv_heads % tp and tp % args.n_kv_heads):
             ok = [n for n in range(1, args.n_heads + 1) if not args.n_heads % n

@@ -65,7 +65,8 @@ def model_shape(m: ModelArgs, tp: int, elt: int) -> Shape:
 
 
 def weight_bytes_per_rank(m: ModelArgs, tp: int, s: Strategy, elt: int) -> tuple[int, int]:
-    """(o_proj bytes, all weight bytes) resident on one rank for strategy `s`."""
+    """(o_proj bytes, all weight bytes) resident on one rank for strategy `s`; under uneven
+    expert parallelism, on the rank holding the most experts."""
     h, d, L = m.dim, m.q_dim, m.n_layers
     if not s.flashcomm2:
         o_total = L * h * d // tp * elt
@@ -80,7 +81,8 @@ def weight_bytes_per_rank(m: ModelArgs, tp: int, s: Strategy, elt: int) -> tuple
             o_total = (math.ceil(L / group) + s.oshard_k + 1) * o_layer
     embed = m.vocab_size * h * (1 if m.tie_word_embeddings else 2)
     attn = m.attn_weights(tp) + 2 * h  # per layer: q/k/v (MLA: its projections), both norms
-    other = (L * attn + m.mlp_weights(tp) + embed + h) * elt  # MoE: experts + router
+    mlp = m.mlp_weights(tp, s.expert_parallel)  # MoE: experts + router
+    other = (L * attn + mlp + embed + h) * elt
     return o_total, o_total + other
 
 

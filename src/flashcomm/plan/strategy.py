@@ -37,8 +37,9 @@ class Strategy:
     """flashcomm2 only: steps with fewer tokens take the all-reduce path (None: every step,
     what auto resolves to when FlashComm2 never wins)."""
     expert_parallel: bool = False
-    """MoE models: E/N whole experts per rank, tokens exchanged by all-to-all (the MLP's
-    collectives; the cost model leaves them out: their bytes depend on the routing)."""
+    """MoE models: whole experts per rank (floor(E/N), one more on the first E mod N ranks),
+    tokens exchanged by all-to-all (the MLP's collectives; the cost model leaves them out:
+    their bytes depend on the routing)."""
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise once, here

@@ -212,11 +212,10 @@ def test_a_backward_import_is_caught(tmp_path: Path, monkeypatch, source: str, n
     assert found and found[0].startswith(bad), found
 
 
-def test_readme_layout_names_every_module() -> None:
-    readme = (SRC.parents[1] / "README.md").read_text()
-    section = readme.split("## Layout of the code", 1)[1].split("\n## ", 1)[0]
+def test_docs_layout_names_every_module() -> None:
+    section = (SRC.parents[1] / "docs" / "layout.md").read_text()
     named = {n for n in re.findall(r"`([\w/]+\.py)`", section) if not n.startswith("tests/")}
     modules = {str(p.relative_to(SRC)) for p in SRC.rglob("*.py")
                if p.name != "__main__.py" and (p.name != "__init__.py" or p.read_text().strip())}
-    assert modules - named == set(), "modules the README's layout section does not name"
-    assert named - modules == set(), "modules the README's layout section names but are gone"
+    assert modules - named == set(), "modules docs/layout.md does not name"
+    assert named - modules == set(), "modules docs/layout.md names but are gone"

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from doc_commands import doc_argv, doc_command
 
 from flashcomm.models.random_checkpoint import small_llama_config, write_checkpoint
 from flashcomm.plan.costmodel import HardwareProfile
@@ -25,7 +26,8 @@ def test_bench_e2e_smoke(tiny: Path, tmp_path: Path) -> None:
     from flashcomm import cli
 
     out = tmp_path / "e2e"
-    rc = cli.main(["bench", "e2e", "--model", str(tiny), "--nproc", "2", "--prefill-tokens",
+    shown = doc_argv(doc_command("docs/commands.md", "flashcomm bench e2e"), DIR=str(tiny))[1]
+    rc = cli.main([*shown[1:], "--nproc", "2", "--prefill-tokens",
                    "8,24", "--decode-batch", "1,2", "--decode-context", "4", "--repeats", "1",
                    "--out", str(out), "--timeout", "240"])
     assert rc == 0

@@ -1,6 +1,7 @@
 """vLLM's OpenAI-compatible server with the plugin: TP=2, default (compiled) mode, tiny Llama.
 
-A stock server and a plugin server (FlashComm2 + O-Shard k=1, per-step threshold) run in turn on
+The README's serving command (tests/doc_commands.py): stock (no FLASHCOMM variable) and with the
+plugin (the shown knobs plus O-Shard k=1 and a per-step threshold of 8) run in turn on
 127.0.0.1, in one compile-cache root, each queried with the `openai` client: /v1/completions with
 the 4 prompts greedy, then a concurrent burst. Completions must be equal; each server must shut
 down on SIGINT with no process of its session left behind.
@@ -24,8 +25,15 @@ import pytest
 pytest.importorskip("vllm.config", reason="vllm not installed; run make test-vllm")
 
 HERE = Path(__file__).parent
-PLUGIN_ENV = {"FLASHCOMM2_PARALLEL_SIZE": "1", "FLASHCOMM_LAYER_SHARDING": "o_proj",
-              "FLASHCOMM_PREFETCH_STEP": "1", "FLASHCOMM2_MIN_TOKENS": "8"}
+sys.path.insert(0, str(HERE.parent))
+from doc_commands import doc_argv, doc_command  # noqa: E402
+
+SHOWN = doc_command("README.md", "FLASHCOMM2_PARALLEL_SIZE=1")
+"""The README's serving line; docs/vllm-plugin.md shows the same one."""
+SHOWN_ENV = doc_argv(SHOWN, DIR="DIR")[0]
+# on top of the shown knobs: O-Shard k=1 and a threshold of 8, so both per-step paths run
+PLUGIN_ENV = {**SHOWN_ENV, "FLASHCOMM_LAYER_SHARDING": "o_proj", "FLASHCOMM_PREFETCH_STEP": "1",
+              "FLASHCOMM2_MIN_TOKENS": "8"}
 START_TIMEOUT_S = 420
 BURST = 8
 
@@ -37,10 +45,12 @@ def _free_port() -> int:
 
 
 def _server_command(model: Path, port: int) -> list[str]:
-    """The serving command of README.md, on the tiny model."""
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-            "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
-            "--tensor-parallel-size", "2", "--dtype", "float32", "--max-model-len", "128",
+    """The serving command of README.md, on the tiny model, on a free port, small limits."""
+    assert doc_command("docs/vllm-plugin.md", "FLASHCOMM2_PARALLEL_SIZE=1") == SHOWN
+    argv = doc_argv(SHOWN, DIR=str(model))[1]
+    assert argv[0] == "python" and "--port" in argv
+    return [sys.executable, *argv[1:], "--port", str(port),
+            "--served-model-name", "tiny", "--dtype", "float32", "--max-model-len", "128",
             "--max-num-seqs", "8", "--kv-cache-memory-bytes", str(64 << 20), "--seed", "0",
             "--distributed-executor-backend", "mp"]
 

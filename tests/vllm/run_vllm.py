@@ -1,8 +1,9 @@
 """Run vLLM (fp32, TP=2 by default) on the tiny Llama and write greedy tokens and layer facts.
 
 Usage: python run_vllm.py MODEL_DIR OUT_JSON RUNS_JSON
-RUNS_JSON maps a run name to {"env": {...}, "eager": bool, "tp": int, "timeout": s, "llm": {...}}
-("llm": more LLM arguments, e.g. pipeline_parallel_size): one LLM instance per run, in order,
+RUNS_JSON maps a run name to {"env": {...}, "eager": bool, "tp": int, "timeout": s, "llm": {...},
+"prompt_scale": k} ("llm": more LLM arguments, e.g. pipeline_parallel_size; "prompt_scale": the
+prompts k times as long, default 1): one LLM instance per run, in order,
 created with those extra environment variables (read by the plugin
 in the spawned workers; VLLM_CACHE_ROOT there picks the compile cache). All prompts of one
 instance run as one batch. Each instance gets its own timeout (SIGALRM); the JSON is rewritten
@@ -67,7 +68,8 @@ def main() -> None:
     results = {}
     for name, spec in runs.items():
         print(f"=== run {name}: {spec}", flush=True)
-        results[name] = run_one(model, spec, prompts(), max_tokens=spec.get("max_tokens", 16))
+        results[name] = run_one(model, spec, prompts(spec.get("prompt_scale", 1)),
+                                max_tokens=spec.get("max_tokens", 16))
         print(f"=== run {name} done: {results[name].get('error', 'ok')}", flush=True)
         with open(out, "w") as f:
             json.dump(results, f, indent=1)

@@ -126,7 +126,7 @@ def test_knobs_enter_the_compile_cache_key():
     hashes = {stock.compute_hash()}
     for cfg in cfgs:
         plugin = VllmConfig(parallel_config=ParallelConfig(tensor_parallel_size=2))
-        configure_vllm(cfg, plugin, cuda=False)
+        configure_vllm(cfg, plugin)
         assert plugin.additional_config["flashcomm"] == cfg.to_dict()
         hashes.add(plugin.compute_hash())
     assert len(hashes) == 3  # stock and each plugin configuration compile apart

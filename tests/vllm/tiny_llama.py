@@ -55,6 +55,7 @@ def build_tiny_llama(out: Path, num_layers: int = 5, seed: int = 0) -> Path:
     return out
 
 
-def prompts() -> list[str]:
-    """Four prompts of different lengths (3, 8, 17 and 30 words)."""
-    return [" ".join(WORDS[(7 * j + n) % len(WORDS)] for j in range(n)) for n in (3, 8, 17, 30)]
+def prompts(scale: int = 1) -> list[str]:
+    """Four prompts of different lengths (3, 8, 17 and 30 words, times `scale`)."""
+    return [" ".join(WORDS[(7 * j + n) % len(WORDS)] for j in range(scale * n))
+            for n in (3, 8, 17, 30)]

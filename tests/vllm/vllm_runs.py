@@ -21,7 +21,8 @@ STOCK_FC2_OSHARD = {
 
 
 def run_instances(tmp: Path, model: Path, runs: dict[str, tuple[dict[str, str], bool]], *,
-                  tp: int = 2, timeout: int = 240, max_tokens: int = 8) -> dict:
+                  tp: int = 2, timeout: int = 240, max_tokens: int = 8,
+                  prompt_scale: int = 1) -> dict:
     """run_vllm.py on `runs` (name -> (env, eager)) in one subprocess and ONE compile-cache
     root, each instance with its own timeout; adds each run's report dir and the log path."""
     out, log = tmp / "runs.json", tmp / "vllm.log"
@@ -31,7 +32,7 @@ def run_instances(tmp: Path, model: Path, runs: dict[str, tuple[dict[str, str], 
         if "FLASHCOMM2_PARALLEL_SIZE" in env:
             env["FLASHCOMM_REPORT_DIR"] = str(tmp / "report" / name)
         specs[name] = {"env": env, "eager": eager, "tp": tp, "timeout": timeout,
-                       "max_tokens": max_tokens}
+                       "max_tokens": max_tokens, "prompt_scale": prompt_scale}
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "nobind",
            "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}
     for var in FlashCommConfig.env_names():  # the parent's environment must not leak in

@@ -11,18 +11,22 @@ Enable it with the knobs' environment variables (validated with the engine's mes
     FLASHCOMM_SHARD_SOURCE=gather       its W_o from the resident D/N slices, FlashComm2 steps only
     FLASHCOMM_PREFETCH_STEP=k           prefetch distance, 0 <= k <= L-2
     FLASHCOMM_REPORT_DIR=dir            write rank<r>.json (bytes, threshold) after loading
-With none of the FLASHCOMM* variables set, `register()` does nothing and vLLM runs stock. Any
-compilation mode works (the ops carry the per-step work, see ops.py); on GPUs use
+With none of the FLASHCOMM* variables set, `register()` does nothing and vLLM runs stock. When
+the threshold means FlashComm2 can never run (auto found no crossover, or it exceeds
+max_num_batched_tokens) every layer is vLLM's own and the traced graph is stock's (context.py).
+Otherwise any compilation mode works (the ops carry the per-step work, see ops.py); on GPUs use
 cudagraph_mode=PIECEWISE. `worker_report` reads the facts back through
 `LLM.collective_rpc(worker_report)`, including the op counters `o_proj_calls` and
-`o_proj_fc2_calls`.
+`o_proj_fc2_calls` and the custom ops in the compiled code (`compiled_ops`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from flashcomm.vllm.context import env_requests_flashcomm
@@ -67,10 +71,30 @@ def worker_report(worker: Any) -> dict[str, Any]:
             ctx = ctx or getattr(module, "ctx", None)
         if getattr(module, "flashcomm_layer", None) is not None:
             rerouted.append(name)  # layers whose forward differs from vLLM's
-    report: dict[str, Any] = {"classes": classes, "flashcomm_layers": rerouted}
+    report: dict[str, Any] = {"classes": classes, "flashcomm_layers": rerouted,
+                              "compiled_ops": compiled_ops(worker)}
     if isinstance(ctx, VllmFlashComm):
         report.update(ctx.report())
     return report
+
+
+COMPILED_OP = re.compile(r"torch\.ops\.(\w+)\.(\w+)")
+
+
+def compiled_ops(worker: Any) -> dict[str, int] | None:
+    """Op calls (`torch.ops.<lib>.<op>`) in the code Inductor generated for this worker's model,
+    e.g. 'flashcomm.o_proj' or '_C.shm_allreduce' -> occurrences over the output-code files of
+    its compile-cache directory; None when nothing was compiled (eager, no cache directory)."""
+    cache = getattr(worker.vllm_config.compilation_config, "local_cache_dir", None)
+    if not cache or not Path(cache).is_dir():
+        return None
+    found: dict[str, int] = {}
+    files = 0
+    for path in Path(cache).rglob("*.py"):
+        files += 1
+        for lib, op in COMPILED_OP.findall(path.read_text(errors="replace")):
+            found[f"{lib}.{op}"] = found.get(f"{lib}.{op}", 0) + 1
+    return found if files else None
 
 
 @contextlib.contextmanager

@@ -4,10 +4,12 @@ is loaded. Pure functions of the knobs and vLLM's config objects, so tests need 
 - `check_env`: at plugin load (vLLM's `register()` in the front-end process, before the engine
   starts): the FLASHCOMM* variables parse and the plugin can serve them at all.
 - `check_plugin_limits`: in each worker, at model construction, against the VllmConfig.
-- `configure_vllm`: (1) puts the knobs into `additional_config["flashcomm"]`, which vLLM hashes
+- `configure_vllm`: puts the knobs into `additional_config["flashcomm"]`, which vLLM hashes
   into its compile-cache key, so a stock run and a plugin run in one cache root never share a
-  compiled graph; (2) on GPUs, adds our ops to `splitting_ops` under VLLM_COMPILE so piecewise
-  CUDA graphs run around them, and refuses a full-graph `cudagraph_mode`.
+  compiled graph.
+- `configure_compilation`: only when the per-step op will be traced (the threshold is decided,
+  context.py): on GPUs, adds our ops to `splitting_ops` under VLLM_COMPILE so piecewise CUDA
+  graphs run around them, and refuses a full-graph `cudagraph_mode`.
 """
 
 from __future__ import annotations
@@ -59,15 +61,13 @@ def check_plugin_limits(cfg: FlashCommConfig, vllm_config: Any) -> None:
                           "weights only")
 
 
-def configure_vllm(cfg: FlashCommConfig, vllm_config: Any, *, cuda: bool) -> None:
-    """Hash our knobs into vLLM's compile-cache key; on CUDA, split graphs at our ops."""
+def configure_vllm(cfg: FlashCommConfig, vllm_config: Any) -> None:
+    """Hash our knobs into vLLM's compile-cache key."""
     extra = vllm_config.additional_config
     if not isinstance(extra, dict):
         raise ConfigError(f"additional_config={extra!r}: the flashcomm vLLM plugin needs a dict "
                           f"there to record its knobs under {ADDITIONAL_CONFIG_KEY!r}")
     extra[ADDITIONAL_CONFIG_KEY] = cfg.to_dict()
-    if cfg.flashcomm2:
-        configure_compilation(vllm_config.compilation_config, cuda=cuda)
 
 
 def configure_compilation(compilation_config: Any, *, cuda: bool) -> None:

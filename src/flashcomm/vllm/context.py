@@ -7,9 +7,15 @@ created there, i.e. after vLLM's model-parallel init and never at plugin load. E
 o_proj also registers itself in `compilation_config.static_forward_context` under its prefix, so
 the custom ops (ops.py), which only get a layer name, find it through vLLM's forward context.
 
-The per-step threshold: a step of T tokens takes FlashComm2 when `T >= min_tokens`, else the
-row-parallel product plus vLLM's all-reduce. `flashcomm2_min_tokens=auto` is resolved after the
-weights are loaded (fit.py: measured at start-up, or a profile), identically on every rank.
+The threshold: a step of T tokens takes FlashComm2 when `T >= min_tokens`, else the row-parallel
+product plus vLLM's all-reduce. It is decided once, when the first main-model QKV or o_proj is
+built (the TP group exists, nothing is loaded or traced yet; `auto` is fitted there, fit.py).
+What the plugin then does (`mode`, logged once per worker):
+- STOCK: FlashComm2 can never run (auto found no crossover, or the threshold exceeds
+  max_num_batched_tokens): every layer is built by vLLM's own constructor and forward, so the
+  graph vLLM traces is stock's; no flashcomm op, no counter on the hot path;
+- PER_STEP: the o_proj op chooses the path at every step (one graph for every T: CPU's
+  DYNAMO_TRACE_ONCE, eager, or a threshold of 0 where every step takes FlashComm2).
 """
 
 from __future__ import annotations
@@ -31,14 +37,8 @@ from flashcomm.groups import ParallelGroups
 from flashcomm.knobs import AUTO
 from flashcomm.layout import ParallelLayout, stage_layers
 from flashcomm.sharding import ShardedSeries
-from flashcomm.vllm.checks import check_plugin_limits, configure_vllm
-from flashcomm.vllm.weights import (
-    GatherRing,
-    OProjWeights,
-    OwnerRing,
-    ResidentWeights,
-    RowSlices,
-)
+from flashcomm.vllm.checks import check_plugin_limits, configure_compilation, configure_vllm
+from flashcomm.vllm.weights import GatherRing, OProjWeights, OwnerRing, ResidentWeights
 
 logger = logging.getLogger("vllm.flashcomm")  # under vLLM's logger: its handlers and level
 
@@ -50,6 +50,8 @@ _ATTR = "_flashcomm_vllm"
 MAIN_LAYER = r"^(?:language_model\.)?model\.(?:language_model\.)?layers\.(\d+)\.self_attn\.{}$"
 O_PROJ_PATTERN = re.compile(MAIN_LAYER.format("o_proj"))
 QKV_PATTERN = re.compile(MAIN_LAYER.format("qkv_proj"))
+STOCK, PER_STEP = "stock", "per_step_op"
+"""VllmFlashComm.mode values: vLLM's own layers and graph / the o_proj op chooses per step."""
 
 
 def plugin_env_names() -> tuple[str, ...]:
@@ -101,8 +103,18 @@ class VllmFlashComm:
     """o_proj layer index -> |W|, bytes of its FlashComm2 weight [H, D/otp] (under gather
     the layer holds only its D/N columns of it)."""
     row_form: ResidentForm | None = None
-    """How kept row-parallel slices are stored (ops.onednn_form: oneDNN-prepacked on CPU, None:
-    plain), decided once from the first o_proj weight."""
+    """How the gather source keeps its row-parallel slices (ops.onednn_form: oneDNN-prepacked
+    on CPU, None: plain), decided once from the first o_proj weight."""
+    mode: str | None = None
+    """STOCK or PER_STEP once decided (decide()); None before, or with FlashComm2 off."""
+    threshold_source: str = ""
+    """Where min_tokens came from, for the start-up line and the report."""
+    max_step_tokens: int = 0
+    """vLLM's max_num_batched_tokens: no step is larger (a threshold above it means never)."""
+    cuda: bool = False
+    """Whether the platform is CUDA-like (graph splitting and CUDA-graph checks apply)."""
+    compilation_config: Any = field(default=None, repr=False)
+    """vLLM's CompilationConfig, changed only when a per-step op is traced."""
     modules: dict[int, Any] = field(default_factory=dict, repr=False)
     """o_proj layer index -> its FlashComm o_proj module."""
     loaded: set[int] = field(default_factory=set)
@@ -116,8 +128,8 @@ class VllmFlashComm:
 
     @property
     def enabled(self) -> bool:
-        """Whether o_proj layers are replaced by the FlashComm op."""
-        return self.cfg.flashcomm2
+        """Whether o_proj layers are replaced by the FlashComm op (decided, and not STOCK)."""
+        return self.mode == PER_STEP
 
     # ---- construction ----------------------------------------------------------------------
 
@@ -141,16 +153,17 @@ class VllmFlashComm:
         world = dist.get_world_size() if dist.is_initialized() else cfg.world
         cfg.validate(world)
         check_plugin_limits(cfg, vllm_config)
-        configure_vllm(cfg, vllm_config, cuda=current_platform.is_cuda_alike())
+        configure_vllm(cfg, vllm_config)
         pp_rank = ps.get_pp_group().rank_in_group
         num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
         layers = stage_layers(num_layers, cfg.pp, cfg.pp_layer_partition)[pp_rank]
         ctx = cls(cfg=cfg, layers=layers,
-                  static_layers=vllm_config.compilation_config.static_forward_context)
+                  static_layers=vllm_config.compilation_config.static_forward_context,
+                  max_step_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
+                  cuda=current_platform.is_cuda_alike(),
+                  compilation_config=vllm_config.compilation_config)
         if not cfg.flashcomm2:
             return ctx
-        if cfg.flashcomm2_min_tokens != AUTO:
-            ctx.min_tokens = int(cfg.flashcomm2_min_tokens)
         layout = ParallelLayout.from_config(cfg, world)
         rank = dist.get_rank()
         for name, mine, theirs in (("tp", layout.tp_groups(), ps.get_tp_group()),
@@ -161,15 +174,47 @@ class VllmFlashComm:
                     f"flashcomm: vLLM's {name} group of rank {rank} is {list(theirs.ranks)}, our "
                     f"layout expects {layout.group_of(rank, mine)}; unsupported rank order")
         ctx.groups = ParallelGroups.from_config(cfg, world)  # shard group for o_proj if sharded
-        if cfg.gather_source:  # resident D/N columns, all-gathered on FlashComm2 steps only
-            ctx.series = GatheredSeries("o_proj", ctx.groups.fetch, cfg.prefetch_step,
-                                        layers=layers)
-        elif cfg.layer_sharding:
-            ctx.series = ShardedSeries("o_proj", ctx.groups.shard["o_proj"], cfg.prefetch_step,
-                                       layers=layers)
-        logger.info("flashcomm: rank %d enabled %s, layers %d..%d", rank, cfg.to_dict(),
-                    layers.start, layers.stop - 1)
         return ctx
+
+    def decide(self, prefix: str, hidden: int, q_dim: int, dtype: torch.dtype) -> None:
+        """At the first main-model QKV or o_proj built (`prefix`; o_proj weight [hidden, q_dim]):
+        resolve the threshold (auto: collective fit over TP) and choose the mode, once."""
+        m = O_PROJ_PATTERN.match(prefix) or QKV_PATTERN.match(prefix)
+        if (self.mode is not None or not self.cfg.flashcomm2 or self.sealed or m is None
+                or int(m.group(1)) not in self.layers):
+            return
+        from flashcomm.vllm.fit import choose_impl, resolve_auto  # registers the ops
+
+        cfg = self.cfg
+        self.o_proj_shape, self.dtype = (hidden, q_dim // cfg.flashcomm2_otp), dtype
+        if cfg.flashcomm2_min_tokens == AUTO:
+            self.impl, self.impl_seconds = choose_impl(self)
+            self.min_tokens, self.auto = resolve_auto(self)
+            self.threshold_source = f"auto, profile {self.auto['profile']}"
+        else:
+            self.min_tokens = int(cfg.flashcomm2_min_tokens)
+            self.threshold_source = f"FLASHCOMM2_MIN_TOKENS={cfg.flashcomm2_min_tokens}"
+        never = self.min_tokens is None or self.min_tokens > self.max_step_tokens
+        self.mode = STOCK if never else PER_STEP
+        if self.mode == STOCK:
+            action = ("stock graph: vLLM's own o_proj/qkv layers, weights and GEMM, no flashcomm "
+                      f"op traced (no step exceeds max_num_batched_tokens={self.max_step_tokens})")
+            self._write_report()
+        else:
+            if cfg.flashcomm2_min_tokens != AUTO:
+                self.impl, self.impl_seconds = choose_impl(self)
+            if cfg.gather_source:  # resident D/N columns, all-gathered on FlashComm2 steps only
+                self.series = GatheredSeries("o_proj", self.groups.fetch, cfg.prefetch_step,
+                                             layers=self.layers)
+            elif cfg.layer_sharding:
+                self.series = ShardedSeries("o_proj", self.groups.shard["o_proj"],
+                                            cfg.prefetch_step, layers=self.layers)
+            configure_compilation(self.compilation_config, cuda=self.cuda)
+            action = ("per-step op: flashcomm::o_proj takes FlashComm2 at T >= threshold, "
+                      "vLLM's all-reduce below (one graph for every T)")
+        logger.info("flashcomm: rank %d threshold %s (%s) -> %s; layers %d..%d, %s",
+                    dist.get_rank(), "never" if never else self.min_tokens, self.threshold_source,
+                    action, self.layers.start, self.layers.stop - 1, cfg.to_dict())
 
     # ---- which layers ----------------------------------------------------------------------
 
@@ -205,7 +250,7 @@ class VllmFlashComm:
             d_otp = weight.shape[1] * (self.cfg.odp if gather else 1)
             width = d_otp // self.cfg.odp
             offset = self.groups.tp.rank % self.cfg.odp * width  # this rank's own heads
-            from flashcomm.vllm.ops import onednn_form  # registers the ops: workers only
+            from flashcomm.vllm.ops import onednn_form
 
             self.row_form = onednn_form(weight)
             if gather:
@@ -229,25 +274,19 @@ class VllmFlashComm:
             return
         self.sealed = True
         self.weights.finalize()
-        from flashcomm.vllm.fit import choose_impl, resolve_auto
-
-        self.impl, self.impl_seconds = choose_impl(self)
-        if self.cfg.flashcomm2_min_tokens == AUTO:
-            self.min_tokens, self.auto = resolve_auto(self)
-        if self.min_tokens is None and isinstance(self.weights, ResidentWeights | GatherRing):
-            # FlashComm2 never runs here: hold (and multiply) exactly what stock TP does; the
-            # full weights, or the gather ring, go (the owner source cannot: a non-owner has
-            # no slice of a layer it does not own)
-            self.weights = self.weights.row_slices(self.row_form)
-            self.series = None
+        rows = self.min_tokens > 0  # a threshold of 0: every step FlashComm2, no row path
+        for i, layer in self.modules.items():
+            layer.flashcomm_bind(self.weights.row_gemm(i) if rows else None)
         if self.weights.detached:
             for layer in self.modules.values():  # the kept slices replace the parameters
                 layer.weight.data = layer.weight.data.new_empty(0)
-        report = self.report()
-        logger.info("flashcomm: rank %d resident o_proj bytes %d, FlashComm2 from %s tokens",
-                    report["rank"], report["resident_o_proj_bytes"], self.min_tokens)
+        self._write_report()
+
+    def _write_report(self) -> None:
+        """rank<r>.json into FLASHCOMM_REPORT_DIR when set (after loading, or when STOCK)."""
         out = os.environ.get(ENV_REPORT_DIR)
         if out:
+            report = self.report()
             Path(out).mkdir(parents=True, exist_ok=True)
             (Path(out) / f"rank{report['rank']}.json").write_text(json.dumps(report, indent=1))
 
@@ -280,7 +319,11 @@ class VllmFlashComm:
 
     def resident_o_proj_bytes(self) -> int:
         """Bytes of o_proj weights this worker holds (owner: owned layers + ring; gather: every
-        layer's D/N columns + ring)."""
+        layer's D/N columns + ring; STOCK: vLLM's own [H, D/N] slices)."""
+        if self.mode == STOCK:
+            hidden, d_otp = self.o_proj_shape
+            elt = torch.empty((), dtype=self.dtype).element_size()
+            return len(self.layers) * hidden * d_otp // self.cfg.odp * elt
         return self.weights.resident_bytes() if self.weights is not None else 0
 
     def report(self) -> dict[str, Any]:
@@ -296,12 +339,16 @@ class VllmFlashComm:
             "resident_o_proj_bytes": self.resident_o_proj_bytes(),
             "o_proj_param_bytes": sum(m.weight.nbytes for m in self.modules.values()),
             "packed_slices": self.weights is not None and self.weights.form is not None,
-            "row_only": isinstance(self.weights, RowSlices),
+            "mode": self.mode,
+            "row_only": self.mode == STOCK,
             "flashcomm2_min_tokens": self.min_tokens,
+            "threshold_source": self.threshold_source,
             "auto": self.auto,
             "impl": self.impl,
             "impl_seconds": self.impl_seconds,
-            "o_proj_calls": self.o_proj_calls,
+            # STOCK traces no op, so nothing counts per step: FlashComm2 ran 0 times by
+            # construction and the row-parallel calls are vLLM's own (not counted: None)
+            "o_proj_calls": None if self.mode == STOCK else self.o_proj_calls,
             "o_proj_fc2_calls": self.o_proj_fc2_calls,
             "shard_group": list(ring.group.ranks) if ring is not None else None,
             "series": series,

@@ -8,6 +8,8 @@ compiler traces once: they only call the custom ops (ops.py), which do the per-s
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.nn import Parameter
 from vllm.config import get_current_vllm_config
@@ -50,13 +52,16 @@ class FlashCommRowParallelLinear(RowParallelLinear):
         disable_tp: bool = False,
     ):
         ctx = VllmFlashComm.of(get_current_vllm_config())
+        # the first main-model o_proj (MLA has no QKVParallelLinear) decides, before any weight
+        ctx.decide(prefix, output_size, input_size, params_dtype or torch.get_default_dtype())
         idx = ctx.o_proj_index(prefix)
         # Only the shape vLLM's Llama family uses: parallel input, reduced output, real TP.
         if idx is None or not input_is_parallel or not reduce_results or disable_tp:
-            self.flashcomm_layer = None
+            # vLLM's own constructor, weight, quant method and forward: stock's traced graph
             super().__init__(input_size, output_size, bias, input_is_parallel, skip_bias_add,
                              params_dtype, reduce_results, quant_config, prefix,
                              return_bias=return_bias, disable_tp=disable_tp)
+            self.ctx, self.flashcomm_layer = ctx, None
             return
         # Skip RowParallelLinear.__init__: it would allocate the TP slice we do not want.
         LinearBase.__init__(self, input_size, output_size, bias, skip_bias_add, params_dtype,
@@ -116,18 +121,30 @@ class FlashCommRowParallelLinear(RowParallelLinear):
             return out
         return out, (self.bias if self.skip_bias_add else None)
 
+    def flashcomm_bind(self, row_gemm: Any) -> None:
+        """After loading (ctx.after_loading): what a row-parallel step calls, resolved once, so
+        the op's decode path is the GEMM and the all-reduce and little else: `row_gemm` (this
+        rank's columns as vLLM's own CPU GEMM, or None: ask the source every step), vLLM's TP
+        group, the bias."""
+        self.row_gemm, self.tp = row_gemm, self.ctx.tp_coordinator()
+        self.out_bias = None if self.skip_bias_add else self.bias
+        self.row_below = self.ctx.min_tokens if row_gemm is not None else 0
+
     def flashcomm_o_proj(self, x: torch.Tensor) -> torch.Tensor:
         """Inside the o_proj op: x [T, D/N] -> [T, H] by FlashComm2 or, below the threshold,
         by the row-parallel product on this rank's columns plus vLLM's all-reduce."""
+        if x.shape[0] < self.row_below:  # decode: stock's GEMM and all-reduce, nothing else
+            self.ctx.o_proj_calls += 1
+            y = self.tp.all_reduce(self.row_gemm(x))
+            return y if self.out_bias is None else y + self.out_bias
         ctx, idx = self.ctx, self.flashcomm_layer
         full = ctx.step_takes_flashcomm2(x.shape[0], idx)
         if idx not in ctx.qkv_prefetch:  # no QKVParallelLinear starts it (MLA): fetch here,
             ctx.weights.prefetch(idx, full)  # behind the k layers already in flight
         weight = ctx.weights.wait(idx, full)  # [H, D/otp] if full else [H, D/N]
-        bias = None if self.skip_bias_add else self.bias
         if not full:
-            return ops.row_parallel(x, weight, bias, ctx.tp_coordinator())
-        return ops.flashcomm2(x, weight, bias, ctx.groups, ctx.tp_coordinator(),
+            return ops.row_parallel(x, weight, self.out_bias, self.tp)
+        return ops.flashcomm2(x, weight, self.out_bias, ctx.groups, self.tp,
                               comm_dtype=ctx.cfg.comm_dtype, exchange=ctx.impl["all_to_all"],
                               gather=ctx.impl["all_gather"])
 
@@ -151,6 +168,9 @@ class FlashCommQKVParallelLinear(QKVParallelLinear):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         ctx = VllmFlashComm.of(get_current_vllm_config())
+        # the first main-model QKV decides the mode for the whole model, before any weight
+        ctx.decide(self.prefix, self.input_size, self.total_num_heads * self.v_head_size,
+                   self.params_dtype)
         self.ctx, self.flashcomm_layer = ctx, ctx.qkv_index(self.prefix)
         if self.flashcomm_layer is not None:
             ctx.qkv_prefetch.add(self.flashcomm_layer)
@@ -159,8 +179,8 @@ class FlashCommQKVParallelLinear(QKVParallelLinear):
 
     def forward(self, input_):
         """Prefetch op for this layer's o_proj weight, then vLLM's own forward."""
-        # no prefetch op in the graph when the source never moves weights (e.g. auto found no
-        # crossover: RowSlices); decided when the model is traced, after loading
+        # no prefetch op in the graph when the source never moves weights (ResidentWeights);
+        # decided when the model is traced, after loading
         if self.flashcomm_layer is not None and self.ctx.weights.fetches:
             torch.ops.flashcomm.prefetch(input_, self.o_proj_name)
         return super().forward(input_)

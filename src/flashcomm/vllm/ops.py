@@ -23,11 +23,14 @@ torch.library that owns the two op definitions for the life of the process.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.library import Library
+from vllm import _custom_ops as vllm_ops
+from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from flashcomm import comm
@@ -88,6 +91,18 @@ def onednn_form(like: torch.Tensor) -> ResidentForm | None:
         unpack=lambda p: p.to_dense())
 
 
+def row_gemm(cols: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x [T, D/N] -> x @ cols^T [T, H] for a row-parallel slice that never changes, resolved
+    once: on CPU vLLM's own GEMM (`onednn_mm` on a handle holding a packed copy, exactly
+    stock's kernel), a torch-prepacked slice as it is, elsewhere F.linear on the slice."""
+    if cols.is_mkldnn:
+        return lambda x: _MKLDNN_LINEAR(x.contiguous(), cols, None, "none", [], "")
+    if _onednn(cols) and vllm_ops._supports_onednn:
+        handler = vllm_ops.create_onednn_mm(cols.contiguous().t(), PACK_BATCH_HINT)  # [K, N]
+        return lambda x: vllm_ops.onednn_mm(handler, x, None)
+    return lambda x: F.linear(x, cols)
+
+
 def row_parallel(x: torch.Tensor, cols: torch.Tensor, bias: torch.Tensor | None,
                  tp: Any) -> torch.Tensor:
     """Stock's path: x [T, D/N] @ this rank's columns [H, D/N]^T, then vLLM's TP all-reduce
@@ -135,8 +150,6 @@ def flashcomm2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 def _layer(layer_name: str) -> Any:
     """The FlashComm o_proj layer registered under `layer_name` in vLLM's forward context."""
-    from vllm.forward_context import get_forward_context, is_forward_context_available
-
     if not is_forward_context_available():
         raise RuntimeError(f"flashcomm op on layer {layer_name!r}: no vLLM forward context is "
                            "set; the model must run inside vLLM's model runner")

@@ -19,7 +19,7 @@ Sources:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import torch
@@ -49,6 +49,10 @@ class OProjWeights(Protocol):
     def wait(self, layer_idx: int, full: bool = True) -> torch.Tensor:
         """Layer i's `[H, D/otp]` weight (full) or this rank's `[H, D/N]` columns (not full)."""
 
+    def row_gemm(self, layer_idx: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """After finalize: x -> x @ layer i's own columns^T for row-parallel steps, when those
+        columns never change (None: the op asks wait(i, False) every step)."""
+
 
 def own_columns(weight: torch.Tensor, offset: int, width: int) -> torch.Tensor:
     """This rank's row-parallel columns `[H, D/N]` of a `[H, D/otp]` weight, as a view."""
@@ -69,6 +73,8 @@ class ResidentWeights:
         """`offset`, `width`: this rank's D/N columns inside the `[H, D/otp]` weight."""
         self.offset, self.width = offset, width
         self.tensors: dict[int, torch.Tensor] = {}
+        self.row_bytes = 0
+        """Bytes of the packed row-parallel copies that row_gemm made."""
 
     def register(self, layer_idx: int, weight: torch.Tensor) -> None:
         """Record layer i's resident `[H, D/otp]` weight (the parameter's storage)."""
@@ -87,14 +93,18 @@ class ResidentWeights:
         w = self.tensors[layer_idx]
         return w if full else own_columns(w, self.offset, self.width)
 
-    def row_slices(self, form: ResidentForm | None) -> RowSlices:
-        """This rank's own columns of every layer, as a RowSlices source."""
-        return RowSlices({i: pack_columns(own_columns(w, self.offset, self.width), form)
-                          for i, w in self.tensors.items()}, form)
+    def row_gemm(self, layer_idx: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Layer i's own columns as vLLM's own CPU GEMM: a packed copy (|W|/odp more bytes, what
+        stock holds) multiplies as fast as stock's at decode, a strided column view does not."""
+        from flashcomm.vllm.ops import row_gemm
+
+        cols = own_columns(self.tensors[layer_idx], self.offset, self.width)
+        self.row_bytes += cols.numel() * cols.element_size()
+        return row_gemm(cols)
 
     def resident_bytes(self) -> int:
-        """Bytes of every layer's weight."""
-        return tensor_bytes(self.tensors.values())
+        """Bytes of every layer's weight, plus the row-parallel copies if any."""
+        return tensor_bytes(self.tensors.values()) + self.row_bytes
 
     def stats(self) -> dict[str, Any] | None:
         """No ring, no counters."""
@@ -134,6 +144,10 @@ class OwnerRing:
         w = self.series.wait(layer_idx)
         return w if full else own_columns(w, self.offset, self.width)
 
+    def row_gemm(self, layer_idx: int) -> None:
+        """None: a non-owner's columns arrive with the ring on every step."""
+        return None
+
     def resident_bytes(self) -> int:
         """Owned layers plus the k+1 ring slots."""
         return self.series.stats().resident_bytes
@@ -160,16 +174,6 @@ class GatherRing:
         """Packed slices are copies: the parameters are no longer read."""
         return self.form is not None
 
-    def row_slices(self, form: ResidentForm | None) -> RowSlices:
-        """The series' resident slices as a RowSlices source (they are already in `form`, the
-        form this source was built with); the ring is dropped with the series."""
-        if form is not self.form:
-            raise ValueError("GatherRing.row_slices: its slices are kept in the form it was "
-                             "built with; pass that form")
-        first = self.series.start
-        layers = range(first, first + self.series.num_layers)
-        return RowSlices({i: self.series.resident(i) for i in layers}, form)
-
     def register(self, layer_idx: int, weight: torch.Tensor) -> None:
         """Layer i's own `[H, D/N]` columns, the parameter's storage (kept, not copied, when it
         is laid out `[D/N, H]` as GatheredSeries stores it; with a form, packed at finalize and
@@ -189,6 +193,11 @@ class GatherRing:
         """The gathered `[H, D/otp]` weight (full) or the resident `[H, D/N]` slice."""
         return self.series.wait(layer_idx, full)
 
+    def row_gemm(self, layer_idx: int) -> None:
+        """None: every step, row-parallel ones included, goes through wait(), whose schedule
+        checks keep the ring's slots matched to their layers."""
+        return None
+
     def resident_bytes(self) -> int:
         """L * |W| / odp resident slices plus the k+1 ring slots of |W|."""
         return self.series.stats().resident_bytes
@@ -201,41 +210,3 @@ class GatherRing:
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes of `tensors`' elements (packed oneDNN tensors included, which have no storage)."""
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def pack_columns(cols: torch.Tensor, form: ResidentForm | None) -> torch.Tensor:
-    """`[H, D/N]` columns in `form`, or as a contiguous copy."""
-    return cols.contiguous() if form is None else form.pack(cols)
-
-
-class RowSlices:
-    """FlashComm2 never runs in this instance (auto found no crossover): each layer keeps only
-    this rank's `[H, D/N]` columns, what stock TP holds (oneDNN-prepacked on CPU, as stock
-    keeps its linears); no ring, no prefetch, no traffic."""
-
-    detached = True
-    """The slices are copies: the parameters are emptied."""
-    fetches = False
-    """No ring: the QKV layers issue no prefetch."""
-
-    def __init__(self, slices: dict[int, torch.Tensor], form: ResidentForm | None) -> None:
-        """`slices`: layer -> its kept columns (in `form`)."""
-        self.slices, self.form = slices, form
-
-    def prefetch(self, layer_idx: int, full: bool = True) -> None:
-        """Nothing to fetch."""
-
-    def wait(self, layer_idx: int, full: bool = True) -> torch.Tensor:
-        """This rank's columns; a FlashComm2 step here is a bug (the threshold said never)."""
-        if full:
-            raise RuntimeError(f"o_proj of layer {layer_idx}: a FlashComm2 step, but the "
-                               "threshold said never and only the row-parallel slices are kept")
-        return self.slices[layer_idx]
-
-    def resident_bytes(self) -> int:
-        """L * |W| / N: stock TP's o_proj bytes."""
-        return tensor_bytes(self.slices.values())
-
-    def stats(self) -> dict[str, Any] | None:
-        """No ring, no counters."""
-        return None

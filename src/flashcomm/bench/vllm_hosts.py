@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,12 @@ detected), taskset already pins each host to its cores, engine core in the drive
 
 def engine_kwargs(spec: dict[str, Any], port: int, node_rank: int) -> dict[str, Any]:
     """vLLM EngineArgs of one instance on one host; identical on every host but node_rank."""
-    return dict(model=spec["model"], tensor_parallel_size=spec["tp"], dtype="float32",
+    local = spec["tp"] // 2
+    # vLLM 0.32 tells which ranks share a node by rank // device_count(), and a CPU platform
+    # counts 1 device: with 2 ranks per host the driver then finds no local response queue for
+    # its second rank (AssertionError in MultiprocExecutor). device_ids sets the count per node.
+    extra = {"device_ids": list(range(local))} if local > 1 else {}
+    return dict(**extra, model=spec["model"], tensor_parallel_size=spec["tp"], dtype="float32",
                 enforce_eager=spec.get("eager", True), seed=0,
                 kv_cache_memory_bytes=spec.get("kv_bytes", 128 << 20),
                 max_model_len=spec["max_len"], max_num_batched_tokens=spec["max_len"],
@@ -147,6 +153,7 @@ def driver(spec: dict[str, Any]) -> None:
     with contextlib.ExitStack() as stack:
         llms = {}
         for n in names:
+            _ask(f"start {n}")  # host 1's side first, one instance at a time (imports are slow)
             t0 = time.perf_counter()
             try:
                 llms[n] = stack.enter_context(llm_with_env(
@@ -154,7 +161,7 @@ def driver(spec: dict[str, Any]) -> None:
                     **engine_kwargs(spec, spec["ports"][n], 0)))
             except Exception as e:  # reported per instance; the rest still run
                 res[n]["error"] = f"{type(e).__name__}: {e}"
-                print(f"{MARK} failed {n}", flush=True)
+                print(f"{MARK} failed {n}: {traceback.format_exc()}", flush=True)
                 continue
             res[n]["startup_s"] = time.perf_counter() - t0
             for k, w in work.items():
@@ -208,11 +215,6 @@ def run_instances(cluster: Any, spec: dict[str, Any], timeout: float) -> dict[st
     procs = []
     with open(out / "host1.log", "w") as log1, open(out / "host0.log", "w") as log0:
         try:
-            for name, env in spec["instances"].items():
-                procs.append(cluster.popen(1, _module_argv("headless", spec_path, name),
-                                           env={**base, **WORKER_ENV,
-                                                **instance_env(spec, name, env)},
-                                           stdout=log1, stderr=subprocess.STDOUT))
             drv = cluster.popen(0, _module_argv("driver", spec_path), env={**base, **WORKER_ENV},
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
@@ -221,11 +223,23 @@ def run_instances(cluster: Any, spec: dict[str, Any], timeout: float) -> dict[st
             assert drv.stdout is not None and drv.stdin is not None
             for line in drv.stdout:
                 log0.write(line)
-                if line.startswith(f"{MARK} unshape"):
+                if not line.startswith(MARK):
+                    continue
+                what = line.split()[1:]
+                if what[:1] == ["unshape"]:
                     for i in range(2):
                         cluster.set_rate(i, UNSHAPED_MBIT)
-                    drv.stdin.write("ok\n")
-                    drv.stdin.flush()
+                elif what[:1] == ["start"]:
+                    name = what[1]
+                    procs.append(cluster.popen(
+                        1, _module_argv("headless", spec_path, name),
+                        env={**base, **WORKER_ENV,
+                             **instance_env(spec, name, spec["instances"][name])},
+                        stdout=log1, stderr=subprocess.STDOUT))
+                else:
+                    continue
+                drv.stdin.write("ok\n")
+                drv.stdin.flush()
             rc = drv.wait()
             timer.cancel()
         finally:

@@ -131,6 +131,11 @@ class FlashCommConfig:
                         "start-up), a shipped name (h100-nvlink, pcie-gen4) or a JSON file",
                         parse=parse_str)
     """Collective costs that resolve flashcomm2_min_tokens='auto'."""
+    group_timeout_s: int = knob(120, flag="--group-timeout", env="FLASHCOMM_GROUP_TIMEOUT",
+                                help="seconds a collective waits for a peer before the rank "
+                                "fails naming it (a dead rank or a lost link)", parse=parse_int)
+    """Timeout of every process group flashcomm builds: how long a lost peer or link takes to
+    end the run."""
 
     @property
     def flashcomm2(self) -> bool:
@@ -174,7 +179,7 @@ class FlashCommConfig:
             value = getattr(self, f.name)
             if value != f.metadata["knob"].parse(f.name, value):
                 raise ConfigError(f"{f.name}={value!r}: not a valid value")
-        for name in ("tp", "pp", "dp"):
+        for name in ("tp", "pp", "dp", "group_timeout_s"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
         if world is not None and world != self.world:

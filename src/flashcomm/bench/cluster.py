@@ -1,8 +1,9 @@
 """An emulated cluster on one Linux machine: K hosts joined by one shaped link each.
 
-Each host is a network namespace with its own loopback, its own `eth0` and a private `/dev/shm`
-(a mount namespace with a tmpfs, held open by one sleeping process per host, so every command
-started on a host shares that host's /dev/shm and sees that host's /sys/class/net). The hosts'
+Each host is a network namespace with its own loopback, its own `eth0`, a private `/dev/shm` and
+its own host name `host<i>` (mount and UTS namespaces with a tmpfs, held open by one sleeping
+process per host, so every command started on a host shares that host's /dev/shm and sees that
+host's /sys/class/net). The hosts'
 `eth0` are veth pairs plugged into a bridge that lives in a namespace of its own (the switch),
 with one MTU on every interface; each host's egress is shaped by tbf to the given rate, with a
 bucket of about 1 ms of that rate (a larger bucket lets whole messages cross at memory speed).
@@ -185,6 +186,10 @@ class Cluster:
         """Network namespace of the bridge."""
         return f"{self.tag}-sw"
 
+    def hostname(self, i: int) -> str:
+        """Host name of host i (its own UTS namespace)."""
+        return f"host{i}"
+
     def addr(self, i: int) -> str:
         """IPv4 address of host i (exists only inside the cluster)."""
         return f"{SUBNET}.{i + 1}"
@@ -244,9 +249,10 @@ class Cluster:
     def _holder(self, i: int) -> subprocess.Popen:
         """A sleeping process that keeps host i's mount namespace: its own tmpfs /dev/shm and
         the sysfs of its network namespace (`ip netns exec` mounts that)."""
-        script = (f"mount -t tmpfs -o size={self.shm_mb}m tmpfs /dev/shm && echo ready && "
+        script = (f"hostname {self.hostname(i)} && "
+                  f"mount -t tmpfs -o size={self.shm_mb}m tmpfs /dev/shm && echo ready && "
                   "exec sleep infinity")
-        p = subprocess.Popen(["ip", "netns", "exec", self.ns(i), "unshare", "--mount",
+        p = subprocess.Popen(["ip", "netns", "exec", self.ns(i), "unshare", "--mount", "--uts",
                               "--propagation", "private", "sh", "-c", script],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              preexec_fn=_die_with_parent)
@@ -279,7 +285,7 @@ class Cluster:
         if not self._holders:
             raise RuntimeError("the cluster is not started (use `with Cluster(...)` or start())")
         holder = self._holders[i].pid
-        return ["nsenter", "-t", str(holder), "-n", "-m", f"--wd={os.getcwd()}", "--",
+        return ["nsenter", "-t", str(holder), "-n", "-m", "-u", f"--wd={os.getcwd()}", "--",
                 "taskset", "-c", ",".join(map(str, self.cores[i])), *argv]
 
     def popen(self, i: int, argv: Sequence[str], env: dict[str, str] | None = None,

@@ -7,6 +7,7 @@ under flashcomm.cli only parse flags and print what comes back.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,16 @@ def rank_main(rank: int, world: int, spec: RunSpec) -> dict:
     """One rank: groups, the auto threshold, load, generate; this rank's result as a dict
     (with `auto`: the resolved threshold and its profile, when the knob was 'auto')."""
     groups = ParallelGroups.from_config(spec.cfg, world) if world > 1 else None
+    with groups.naming_link_errors() if groups else contextlib.nullcontext():
+        res, cfg, profile = _load_and_generate(spec, groups, rank)
+    out = {"rank": rank, **res.to_dict()}
+    if profile is not None:
+        out["auto"] = {"flashcomm2_min_tokens": cfg.flashcomm2_min_tokens,
+                       "profile": profile.to_dict()}
+    return out
+
+
+def _load_and_generate(spec: RunSpec, groups: ParallelGroups | None, rank: int) -> tuple:
     dtype = DTYPES[spec.dtype] or checkpoint_dtype(spec.model)
     args = ModelArgs.from_dir(spec.model)
     cfg, profile = resolve_auto(spec.cfg, groups, args.dim, args.q_dim, dtype.itemsize)
@@ -72,11 +83,7 @@ def rank_main(rank: int, world: int, spec: RunSpec) -> dict:
     res = engine.generate([list(p) for p in spec.prompts], spec.max_new_tokens,
                           temperature=spec.temperature, seed=spec.seed,
                           stop_at_eos=spec.stop_at_eos)
-    out = {"rank": rank, **res.to_dict()}
-    if profile is not None:
-        out["auto"] = {"flashcomm2_min_tokens": cfg.flashcomm2_min_tokens,
-                       "profile": profile.to_dict()}
-    return out
+    return res, cfg, profile
 
 
 def under_torchrun() -> bool:
@@ -91,7 +98,7 @@ def run_spec(spec: RunSpec, nproc: int, timeout_s: float = 600.0) -> list[dict] 
 
     if under_torchrun():
         rank = int(os.environ["RANK"])
-        init_distributed(rank, nproc)
+        init_distributed(rank, nproc, group_timeout_s=spec.cfg.group_timeout_s)
         result = rank_main(rank, nproc, spec)
         gathered = [None] * nproc if rank == 0 else None
         torch.distributed.gather_object(result, gathered, dst=0)
@@ -99,7 +106,8 @@ def run_spec(spec: RunSpec, nproc: int, timeout_s: float = 600.0) -> list[dict] 
         return gathered
     if nproc == 1:
         return [rank_main(0, 1, spec)]
-    return run_local(rank_main, nproc, spec, backend=default_backend(), timeout_s=timeout_s)
+    return run_local(rank_main, nproc, spec, backend=default_backend(), timeout_s=timeout_s,
+                     group_timeout_s=spec.cfg.group_timeout_s)
 
 
 # ---- the demo ------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from flashcomm.knobs import FlashCommError
 COMMANDS = {
     "layout": ("flashcomm.cli.layout", "print the process groups of a deployment"),
     "run": ("flashcomm.cli.run", "generate with a tensor-parallel model on N local ranks"),
-    "demo": ("flashcomm.cli.demo", "every strategy at TP=4 on a cached random checkpoint"),
+    "demo": ("flashcomm.cli.demo", "every strategy at TP=3 on SmolLM2-135M (or a random model)"),
     "plan": ("flashcomm.cli.plan", "predict memory and communication per strategy"),
 }
 BENCHES = {

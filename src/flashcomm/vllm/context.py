@@ -14,8 +14,12 @@ What the plugin then does (`mode`, logged once per worker):
 - STOCK: FlashComm2 can never run (auto found no crossover, or the threshold exceeds
   max_num_batched_tokens): every layer is built by vLLM's own constructor and forward, so the
   graph vLLM traces is stock's; no flashcomm op, no counter on the hot path;
+- RANGES (GPUs, VLLM_COMPILE, otp = 1, no O-Shard, no int8 exchange): the threshold is a
+  compile-range endpoint; o_proj traces stock's row-parallel product on a view of the resident
+  W_o plus vLLM's all-reduce, and a post-grad pass rewrites it into FlashComm2 only in graphs of
+  steps T >= threshold (ranges.py). No custom op per step, full CUDA graphs allowed;
 - PER_STEP: the o_proj op chooses the path at every step (one graph for every T: CPU's
-  DYNAMO_TRACE_ONCE, eager, or a threshold of 0 where every step takes FlashComm2).
+  DYNAMO_TRACE_ONCE, eager, or what RANGES cannot express).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from flashcomm.config import FlashCommConfig
+from flashcomm.config import CommDtype, FlashCommConfig
 from flashcomm.gathered import GatheredSeries, ResidentForm
 from flashcomm.groups import ParallelGroups
 from flashcomm.knobs import AUTO
@@ -50,8 +54,9 @@ _ATTR = "_flashcomm_vllm"
 MAIN_LAYER = r"^(?:language_model\.)?model\.(?:language_model\.)?layers\.(\d+)\.self_attn\.{}$"
 O_PROJ_PATTERN = re.compile(MAIN_LAYER.format("o_proj"))
 QKV_PATTERN = re.compile(MAIN_LAYER.format("qkv_proj"))
-STOCK, PER_STEP = "stock", "per_step_op"
-"""VllmFlashComm.mode values: vLLM's own layers and graph / the o_proj op chooses per step."""
+STOCK, PER_STEP, RANGES = "stock", "per_step_op", "ranges"
+"""VllmFlashComm.mode values: vLLM's own layers and graph / the o_proj op chooses per step /
+stock's o_proj traced, rewritten into FlashComm2 in the graphs of large steps (ranges.py)."""
 
 
 def plugin_env_names() -> tuple[str, ...]:
@@ -113,8 +118,11 @@ class VllmFlashComm:
     """vLLM's max_num_batched_tokens: no step is larger (a threshold above it means never)."""
     cuda: bool = False
     """Whether the platform is CUDA-like (graph splitting and CUDA-graph checks apply)."""
-    compilation_config: Any = field(default=None, repr=False)
-    """vLLM's CompilationConfig, changed only when a per-step op is traced."""
+    vllm_config: Any = field(default=None, repr=False)
+    """vLLM's config; its compilation settings change only when a flashcomm op or pass is
+    traced (PER_STEP, RANGES)."""
+    range_pass: Any = field(default=None, repr=False)
+    """RANGES: the FlashComm2RangePass installed into Inductor."""
     modules: dict[int, Any] = field(default_factory=dict, repr=False)
     """o_proj layer index -> its FlashComm o_proj module."""
     loaded: set[int] = field(default_factory=set)
@@ -129,7 +137,7 @@ class VllmFlashComm:
     @property
     def enabled(self) -> bool:
         """Whether o_proj layers are replaced by the FlashComm op (decided, and not STOCK)."""
-        return self.mode == PER_STEP
+        return self.mode in (PER_STEP, RANGES)
 
     # ---- construction ----------------------------------------------------------------------
 
@@ -160,8 +168,7 @@ class VllmFlashComm:
         ctx = cls(cfg=cfg, layers=layers,
                   static_layers=vllm_config.compilation_config.static_forward_context,
                   max_step_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
-                  cuda=current_platform.is_cuda_alike(),
-                  compilation_config=vllm_config.compilation_config)
+                  cuda=current_platform.is_cuda_alike(), vllm_config=vllm_config)
         if not cfg.flashcomm2:
             return ctx
         layout = ParallelLayout.from_config(cfg, world)
@@ -195,7 +202,7 @@ class VllmFlashComm:
             self.min_tokens = int(cfg.flashcomm2_min_tokens)
             self.threshold_source = f"FLASHCOMM2_MIN_TOKENS={cfg.flashcomm2_min_tokens}"
         never = self.min_tokens is None or self.min_tokens > self.max_step_tokens
-        self.mode = STOCK if never else PER_STEP
+        self.mode = STOCK if never else RANGES if self._ranges_hold() else PER_STEP
         if self.mode == STOCK:
             action = ("stock graph: vLLM's own o_proj/qkv layers, weights and GEMM, no flashcomm "
                       f"op traced (no step exceeds max_num_batched_tokens={self.max_step_tokens})")
@@ -209,12 +216,39 @@ class VllmFlashComm:
             elif cfg.layer_sharding:
                 self.series = ShardedSeries("o_proj", self.groups.shard["o_proj"],
                                             cfg.prefetch_step, layers=self.layers)
-            configure_compilation(self.compilation_config, cuda=self.cuda)
-            action = ("per-step op: flashcomm::o_proj takes FlashComm2 at T >= threshold, "
-                      "vLLM's all-reduce below (one graph for every T)")
+            if self.mode == RANGES:
+                action = self._install_ranges()
+            else:
+                configure_compilation(self.vllm_config.compilation_config, cuda=self.cuda)
+                action = ("per-step op: flashcomm::o_proj takes FlashComm2 at T >= threshold, "
+                          "vLLM's all-reduce below (one graph for every T)")
         logger.info("flashcomm: rank %d threshold %s (%s) -> %s; layers %d..%d, %s",
                     dist.get_rank(), "never" if never else self.min_tokens, self.threshold_source,
                     action, self.layers.start, self.layers.stop - 1, cfg.to_dict())
+
+    def _ranges_hold(self) -> bool:
+        """Whether compile ranges can carry the threshold: VLLM_COMPILE on a GPU (per-range
+        graphs), and FlashComm2 expressible in vLLM's collectives without Python state."""
+        from vllm.config import CompilationMode
+
+        cfg = self.cfg
+        return (self.cuda and self.vllm_config.compilation_config.mode
+                == CompilationMode.VLLM_COMPILE and cfg.flashcomm2_otp == 1
+                and not cfg.layer_sharding and cfg.comm_dtype == CommDtype.AUTO)
+
+    def _install_ranges(self) -> str:
+        """RANGES: the threshold as a compile-range endpoint and the rewriting pass."""
+        from flashcomm.vllm.ranges import FlashComm2RangePass, configure_ranges
+
+        tp = self.tp_coordinator()
+        self.range_pass = FlashComm2RangePass(
+            self.vllm_config, threshold=self.min_tokens, tp_size=self.cfg.tp,
+            tp_rank=tp.rank_in_group, width=self.o_proj_shape[1] // self.cfg.tp,
+            group_name=tp.unique_name)
+        configure_ranges(self.vllm_config, self.range_pass)
+        ranges = self.vllm_config.compilation_config.get_compile_ranges()
+        return (f"compile ranges {[(r.start, r.end) for r in ranges]}: stock's o_proj graphs "
+                f"below {self.min_tokens} tokens, FlashComm2 rewritten in from there")
 
     # ---- which layers ----------------------------------------------------------------------
 
@@ -274,7 +308,8 @@ class VllmFlashComm:
             return
         self.sealed = True
         self.weights.finalize()
-        rows = self.min_tokens > 0  # a threshold of 0: every step FlashComm2, no row path
+        # a threshold of 0: every step FlashComm2, no row path; RANGES: the graph holds it
+        rows = self.mode == PER_STEP and self.min_tokens > 0
         for i, layer in self.modules.items():
             layer.flashcomm_bind(self.weights.row_gemm(i) if rows else None)
         if self.weights.detached:
@@ -348,8 +383,9 @@ class VllmFlashComm:
             "impl_seconds": self.impl_seconds,
             # STOCK traces no op, so nothing counts per step: FlashComm2 ran 0 times by
             # construction and the row-parallel calls are vLLM's own (not counted: None)
-            "o_proj_calls": None if self.mode == STOCK else self.o_proj_calls,
-            "o_proj_fc2_calls": self.o_proj_fc2_calls,
+            "o_proj_calls": self.o_proj_calls if self.mode == PER_STEP else None,
+            "o_proj_fc2_calls": None if self.mode == RANGES else self.o_proj_fc2_calls,
+            "range_pass_matches": getattr(self.range_pass, "total_matched", None),
             "shard_group": list(ring.group.ranks) if ring is not None else None,
             "series": series,
         }

@@ -21,7 +21,8 @@ from vllm.model_executor.layers.linear import (
 )
 
 from flashcomm.vllm import ops
-from flashcomm.vllm.context import VllmFlashComm
+from flashcomm.vllm.context import RANGES, VllmFlashComm
+from flashcomm.vllm.ranges import ranges_o_proj
 
 
 class KeepWeightMethod(UnquantizedLinearMethod):
@@ -115,7 +116,14 @@ class FlashCommRowParallelLinear(RowParallelLinear):
         if self.flashcomm_layer is None:
             return super().forward(input_)
         x = input_.reshape(-1, input_.shape[-1])  # [T, D/N]
-        out = torch.ops.flashcomm.o_proj(x, self.output_size, self.layer_name)  # [T, H]
+        if self.ctx.mode == RANGES:  # stock's graph; ranges.py rewrites the large-T ones
+            ctx, cols = self.ctx, x.shape[-1]  # D/N: this rank's own heads' columns of W_o
+            out = ranges_o_proj(x, self.weight, ctx.groups.tp.rank % ctx.cfg.odp * cols, cols,
+                                ctx.tp_coordinator().unique_name)
+            if not self.skip_bias_add and self.bias is not None:
+                out = out + self.bias
+        else:
+            out = torch.ops.flashcomm.o_proj(x, self.output_size, self.layer_name)  # [T, H]
         out = out.reshape(*input_.shape[:-1], self.output_size)
         if not self.return_bias:
             return out

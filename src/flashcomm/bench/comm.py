@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from dataclasses import replace
@@ -39,7 +40,7 @@ from flashcomm.knobs import ConfigError
 from flashcomm.launch import run_local
 from flashcomm.layout import ParallelLayout
 from flashcomm.plan.costmodel import Shape, attn_out_calls, counted_bytes
-from flashcomm.plan.fit import fit_local, write_profile
+from flashcomm.plan.fit import fit_local, fit_torchrun, under_torchrun, write_profile
 from flashcomm.plan.strategy import Strategy
 
 BASE = Strategy()
@@ -268,8 +269,18 @@ def plot(records: list[dict], out: Path) -> None:
 
 
 def fit_main(args: argparse.Namespace, out: Path) -> int:
-    """`--fit`: one quick fit per N, merged into one profile (per_tp) in profile.json."""
-    fits = {n: fit_local(n, otp=n // 2 if n > 2 else 0, timeout_s=args.timeout) for n in args.world}
+    """`--fit`: one quick fit per N, merged into one profile (per_tp) in profile.json. Under
+    torchrun (RANK / WORLD_SIZE set, e.g. one node per host) the fit runs on torchrun's group
+    instead, N = its world, so the profile is that of the link between the hosts."""
+    if under_torchrun():
+        world = int(os.environ["WORLD_SIZE"])
+        fitted = fit_torchrun(otp=world // 2 if world > 2 else 0)
+        if fitted is None:  # not global rank 0: rank 0 writes and prints
+            return 0
+        fits = {world: fitted}
+    else:
+        fits = {n: fit_local(n, otp=n // 2 if n > 2 else 0, timeout_s=args.timeout)
+                for n in args.world}
     per_tp = {m: ops for p in fits.values() for m, ops in p.per_tp.items()}
     widest = fits[max(fits)]
     profile = replace(widest, name=f"gloo-fit-N{'-'.join(map(str, sorted(per_tp)))}",

@@ -18,6 +18,7 @@ On 2 hosts x 1 rank every op's bytes cross the link as the cost model counts the
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -25,6 +26,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from flashcomm.bench.cluster import Cluster
 from flashcomm.launch import CPU_MALLOC_ENV
@@ -100,12 +102,116 @@ def _crossing(op: str, nbytes: int, group: int, per_host: int, root: int = 0) ->
     raise ValueError(f"op={op!r}: no crossing pattern")
 
 
-def link_bytes(s: Strategy, shape: Shape, tokens: int, per_host: int) -> float:
+def link_bytes(s: Strategy, shape: Shape, tokens: int, per_host: int,
+               threshold: int | None = None) -> float:
     """Bytes one forward step of `tokens` tokens on strategy `s` sends across the links of all
     hosts together, by the cost model (shape.tp ranks, `per_host` contiguous ranks per host;
-    layer i's owner broadcast is rooted at member i mod N, as ShardedSeries places it)."""
-    calls = step_calls(s.path(tokens), shape, tokens)
+    layer i's owner broadcast is rooted at member i mod N, as ShardedSeries places it);
+    `threshold`: auto's resolved crossover."""
+    calls = step_calls(s.path(tokens, threshold), shape, tokens)
     total = sum(_crossing(c.op, c.nbytes, c.group, per_host) for c in calls)
-    fetches = step_fetches(s, shape, tokens)
+    fetches = step_fetches(s, shape, tokens, threshold)
     return total + sum(_crossing(c.op, c.nbytes, c.group, per_host, root=i % c.group)
                        for i, c in enumerate(fetches))
+
+
+# ---- the benchmark: `flashcomm bench hosts` ---------------------------------------------------
+
+BENCH_MODEL = dict(hidden_size=1024, intermediate_size=2048, num_hidden_layers=4,
+                   num_attention_heads=16, num_key_value_heads=4, head_dim=64)
+"""H = D = 1024, fp32: the size DESIGN.md's link measurements used."""
+
+
+def bench_strategies(profile: str) -> tuple[list[dict], list[str]]:
+    """(Strategy kwargs, label) of the benchmark: stock twice (the A/A control), FlashComm2,
+    + int8, + the gather source, and auto on the profile fitted across the hosts."""
+    fc2 = dict(attn_out="flashcomm2", otp=1)
+    rows = [({}, "allreduce"), ({}, "allreduce(A/A)"), (fc2, "fc2"),
+            ({**fc2, "comm_dtype": "int8"}, "fc2+int8"),
+            ({**fc2, "oshard_k": 1, "shard_source": "gather"}, "fc2+gather(k=1)"),
+            ({"attn_out": "auto", "otp": 1, "profile": profile}, "auto")]
+    return [r for r, _ in rows], [label for _, label in rows]
+
+
+def add_arguments(parser: Any) -> None:
+    """Options of `flashcomm bench hosts`."""
+    parser.add_argument("--out", default="results/hosts", help="output directory")
+    parser.add_argument("--rates", default="500,2000,10000",
+                        help="link rates in Mbit/s, comma-separated")
+    parser.add_argument("--prefill-tokens", type=int, default=2048)
+    parser.add_argument("--decode-batch", type=int, default=4)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds")
+    parser.add_argument("--model", default="", help="checkpoint (default: a random "
+                        "H=1024, 4-layer Llama written under --out)")
+    parser.add_argument("--timeout", type=float, default=1500.0, help="seconds per launch")
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randrange(3, 250) for _ in range(n)]
+
+
+def run_rate(c: Cluster, rate: float, model: str, out: Path, args: Any) -> dict:
+    """One link rate: `bench comm --fit` across the hosts, then every strategy timed."""
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    fit = torchrun_on_hosts(c, 1, ["-m", "flashcomm.cli", "bench", "comm", "--fit", "--out",
+                                   str(out)], timeout_s=args.timeout)
+    for i, r in enumerate(fit):
+        if r.returncode:
+            raise RuntimeError(f"bench comm --fit on host {i} failed:\n{r.stderr[-3000:]}")
+    profile = str(out / "profile.json")
+    strategies, labels = bench_strategies(profile)
+    spec = dict(model=model, strategies=strategies, labels=labels, prompts=[_ids(12, 0)],
+                max_new_tokens=4, bytes_prompts=[_ids(args.prefill_tokens, 1)],
+                out=str(out / "ranks.json"), group_timeout_s=300, rounds=args.rounds,
+                prefill_tokens=args.prefill_tokens, decode_batch=args.decode_batch,
+                decode_tokens=args.decode_tokens)
+    (out / "spec.json").write_text(json.dumps(spec))
+    res = torchrun_on_hosts(c, 1, ["-m", "flashcomm.bench.hosts_rank", "--spec",
+                                   str(out / "spec.json")], timeout_s=args.timeout)
+    for i, r in enumerate(res):
+        if r.returncode:
+            raise RuntimeError(f"hosts_rank on host {i} failed:\n{r.stderr[-3000:]}")
+    ranks = json.loads((out / "ranks.json").read_text())
+    print(f"rate {rate:g} Mbit/s: fit and {args.rounds} rounds in "
+          f"{time.monotonic() - t0:.0f} s", flush=True)
+    return {"rate_mbit": rate, "profile": json.loads(Path(profile).read_text()),
+            "ranks": ranks}
+
+
+def main(args: Any) -> int:
+    """Every rate: a fresh 2-host cluster (one core each), the fit, the timed strategies; then
+    hosts.json and hosts.png (speed-up over stock against the link rate)."""
+    from flashcomm.bench.cluster import unavailable
+    from flashcomm.bench.hosts_report import plot, summarize
+    from flashcomm.knobs import FlashCommError
+    from flashcomm.models.random_checkpoint import small_llama_config, write_checkpoint
+
+    why = unavailable()
+    if why:
+        raise FlashCommError(why)
+    out = Path(args.out)
+    model = args.model or str(out / "model")
+    if not args.model and not (out / "model" / "config.json").exists():
+        write_checkpoint(out / "model", small_llama_config(**BENCH_MODEL), seed=0)
+    cores = sorted(os.sched_getaffinity(0))
+    raw = []
+    for rate in [float(r) for r in args.rates.split(",") if r]:
+        with Cluster(2, rate_mbit=rate, cores=[[cores[0]], [cores[-1]]]) as c:
+            raw.append(run_rate(c, rate, model, out / f"rate{rate:g}", args))
+    result = summarize(raw, model, args)
+    (out / "hosts.json").write_text(json.dumps(result, indent=1))
+    plot(result, out / "hosts.png")
+    for row in result["rates"]:
+        print(f"{row['rate_mbit']:g} Mbit/s: stock comm share {row['stock_comm_share']:.2f}")
+        for st in row["strategies"]:
+            print(f"  {st['label']:<16} prefill x{st['prefill_ratio']:.3f} (planner "
+                  f"{st['predicted_prefill_ratio']:.3f}, limit {st['limit']:.3f}) generate "
+                  f"x{st['generate_ratio']:.3f}  link {st['prefill_link_bytes'] / 2**20:.1f} MiB "
+                  f"(model {st['model_link_bytes'] / 2**20:.1f})")
+    print(f"wrote {out / 'hosts.json'} and {out / 'hosts.png'}")
+    return 0

@@ -33,6 +33,7 @@ from flashcomm.groups import ParallelGroups
 from flashcomm.launch import init_distributed
 from flashcomm.model_args import ModelArgs
 from flashcomm.models.engine import Engine
+from flashcomm.plan.auto import resolve_auto
 from flashcomm.plan.strategy import Strategy
 
 
@@ -92,16 +93,22 @@ def run(spec: dict) -> dict | None:
     link = _Link(spec.get("iface", IFACE))
     model = spec["model"]
     args = ModelArgs.from_dir(model)
-    strategies = [Strategy(**s) for s in spec["strategies"]]
+    # a "profile" entry goes to the config (what resolves auto), the rest makes the Strategy
+    extra = [{k: v for k, v in s.items() if k == "profile"} for s in spec["strategies"]]
+    strategies = [Strategy(**{k: v for k, v in s.items() if k != "profile"})
+                  for s in spec["strategies"]]
     labels = spec.get("labels") or [s.label for s in strategies]
 
     engines, rows = [], []
     namer: ParallelGroups | None = None
-    for s, label in zip(strategies, labels, strict=True):
-        cfg = s.to_config(world, group_timeout_s=int(timeout_s))
+    thresholds = []
+    for s, label, knobs in zip(strategies, labels, extra, strict=True):
+        cfg = s.to_config(world, group_timeout_s=int(timeout_s), **knobs)
         groups = ParallelGroups.from_config(cfg, world)
         namer = namer or groups
         with groups.naming_link_errors():
+            cfg, _ = resolve_auto(cfg, groups, args.dim, args.q_dim, 4)
+            thresholds.append(cfg.flashcomm2_min_tokens)
             eng = Engine.from_checkpoint(model, cfg, groups, progress=False, dtype=torch.float32)
             res = eng.generate(spec["prompts"], spec["max_new_tokens"])
             eng.generate(spec["bytes_prompts"], 1)  # warm-up of the counted prefill
@@ -124,7 +131,7 @@ def run(spec: dict) -> dict | None:
     if rank != 0:
         return None
     out = {"world": world, "labels": labels, "strategies": spec["strategies"],
-           "ranks": host_rows}
+           "thresholds": thresholds, "ranks": host_rows}
     Path(spec["out"]).write_text(json.dumps(out))
     return out
 

@@ -28,6 +28,7 @@ BENCHES = {
     "comm": ("flashcomm.bench.comm", "per-layer communication time of every strategy"),
     "e2e": ("flashcomm.bench.e2e", "end-to-end latency, bytes and memory of every strategy"),
     "cluster": ("flashcomm.bench.cluster", "emulated hosts on one machine: check, --sweep"),
+    "hosts": ("flashcomm.bench.hosts", "the engine across emulated hosts at several link rates"),
 }
 
 

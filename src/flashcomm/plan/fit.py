@@ -15,6 +15,7 @@ Collective over the group's world: every rank must call fit_profile alike.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -155,3 +156,27 @@ def fit_local(nproc: int, otp: int = 0, timeout_s: float = 120.0, **kwargs) -> H
 
     out = run_local(fit_rank, nproc, otp, kwargs, backend=default_backend(), timeout_s=timeout_s)
     return HardwareProfile.from_dict(out[0])
+
+
+def under_torchrun() -> bool:
+    """Whether torchrun (or another launcher) set RANK and WORLD_SIZE for this process."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def fit_torchrun(otp: int = 0, group_timeout_s: float = 120.0,
+                 **kwargs) -> HardwareProfile | None:
+    """Fit on the group torchrun started (tp = its world; `otp` adds FlashComm2's groups): the
+    profile of whatever links join its ranks, e.g. hosts. Global rank 0 gets the profile, the
+    other ranks None; the group is destroyed before returning."""
+    from flashcomm.launch import init_distributed
+    from flashcomm.layout import ParallelLayout
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    init_distributed(rank, world, group_timeout_s=group_timeout_s)
+    try:
+        groups = ParallelGroups.build(ParallelLayout(tp=world, otp=otp), shard_weights=())
+        profile = fit_profile(groups, name=f"gloo-fit-N{world}-torchrun", **kwargs)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return profile if rank == 0 else None

@@ -5,7 +5,9 @@ Needs root, iproute2 (flashcomm.bench.cluster) and the vLLM virtualenv. For each
 owns its core). Every strategy is one vLLM instance of TP=--tp over the 2 hosts (TP/2 ranks per
 host): vLLM's offline engine with nnodes=2, node_rank=0 on host 0 (the driver, this file's
 `driver` role) and vLLM's headless multiproc executor (node_rank=1, as `vllm serve --headless`
-runs it) on host 1, each instance on its own master port, all alive at once. vLLM's CPU SHM
+runs it) on host 1, each instance on its own master port; the instances of one --strategies
+group are alive at once (memory: ~3.8 GB per TP=4 instance), each group with its own stock,
+on a fresh cluster at the same rate. vLLM's CPU SHM
 communicator turns itself off across hosts, so stock's TP all-reduce is gloo over the link.
 
 Workloads: prefill = one prompt of --prompt-tokens tokens, max_tokens=1; generate = --gen-prompts
@@ -45,6 +47,8 @@ STRATEGIES: dict[str, dict[str, str]] = {
     "auto_gather": {**FC2, "FLASHCOMM2_MIN_TOKENS": "auto", "FLASHCOMM_LAYER_SHARDING": "o_proj",
                     "FLASHCOMM_SHARD_SOURCE": "gather", "FLASHCOMM_PREFETCH_STEP": "1"},
 }
+DEFAULT_GROUPS = "stock,stock_again,fc2_int8;stock,fc2,auto;stock,auto_gather"
+"""Instances alive together: ratios are to the stock instance of the same group."""
 MARK = "@@vllm_hosts"
 """Prefix of the driver's requests to the orchestrator on stdout (vLLM logs share the stream)."""
 BASE_PORT = 29600
@@ -208,7 +212,8 @@ def run_instances(cluster: Any, spec: dict[str, Any], timeout: float) -> dict[st
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
     spec = {**spec, "master_addr": cluster.addr(0),
-            "ports": {n: BASE_PORT + 10 * i for i, n in enumerate(spec["instances"])}}
+            "ports": {n: spec.get("base_port", BASE_PORT) + 10 * i
+                      for i, n in enumerate(spec["instances"])}}
     spec_path = out / "spec.json"
     spec_path.write_text(json.dumps(spec))
     base = {k: v for k, v in os.environ.items() if k not in FlashCommConfig.env_names()}
@@ -259,10 +264,10 @@ def run_instances(cluster: Any, spec: dict[str, Any], timeout: float) -> dict[st
     return json.loads(result.read_text())
 
 
-def summarize(res: dict[str, Any]) -> dict[str, Any]:
-    """Ratios to stock (median of per-round ratios), link bytes ratio, share, limit, tokens."""
+def summarize(res: dict[str, Any], share: float | None = None) -> dict[str, Any]:
+    """Ratios to stock (median of per-round ratios), link bytes ratio, share (measured here, or
+    given from another group of the same link), limit, tokens."""
     stock = res["stock"]
-    share = None
     if stock.get("prefill_unshaped_s"):
         share = 1 - statistics.median(stock["prefill_unshaped_s"]) / statistics.median(
             stock["prefill_s"])
@@ -320,8 +325,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds")
     parser.add_argument("--unshaped-rounds", type=int, default=4,
                         help="stock prefill rounds on the unshaped link (the share)")
-    parser.add_argument("--strategies", default=",".join(STRATEGIES),
-                        help=f"comma-separated subset of {list(STRATEGIES)} (stock first)")
+    parser.add_argument("--strategies", default=DEFAULT_GROUPS,
+                        help=f"groups separated by ';' of comma-separated names from "
+                        f"{list(STRATEGIES)}, each starting with stock: the instances of a group "
+                        "are alive together (a TP=4 instance holds ~3.8 GB over the 2 hosts: "
+                        "at most 3 per group on 24 GB)")
     parser.add_argument("--timeout", type=float, default=3000, help="seconds per rate")
 
 
@@ -334,11 +342,12 @@ def main(args: argparse.Namespace) -> int:
     if why:
         print(f"vllm_hosts: {why}", file=sys.stderr)
         return 2
-    names = [s for s in args.strategies.split(",") if s]
-    bad = [s for s in names if s not in STRATEGIES]
-    if bad or names[:1] != ["stock"]:
-        raise SystemExit(f"--strategies={args.strategies}: start with stock, choose from "
-                         f"{list(STRATEGIES)}")
+    groups = [[s for s in g.split(",") if s] for g in args.strategies.split(";") if g]
+    for names in groups:
+        bad = [s for s in names if s not in STRATEGIES]
+        if bad or names[:1] != ["stock"]:
+            raise SystemExit(f"--strategies={args.strategies}: each group starts with stock; "
+                             f"names from {list(STRATEGIES)}")
     out = Path(args.out).resolve()
     model = args.model or str(build_random_llama(
         out / "model", layers=args.layers, hidden=args.hidden, heads=args.heads,
@@ -348,15 +357,22 @@ def main(args: argparse.Namespace) -> int:
     cores = sorted(os.sched_getaffinity(0))
     half = max(1, len(cores) // 2)
     for rate in [float(r) for r in args.rates.split(",")]:
-        spec = {"model": model, "tp": args.tp, "max_len": args.prompt_tokens + args.gen_tokens + 64,
-                "instances": {n: STRATEGIES[n] for n in names}, "work": work,
-                "rounds": args.rounds, "unshaped_rounds": args.unshaped_rounds,
-                "out": str(out / f"rate_{rate:g}")}
         t0 = time.perf_counter()
-        with Cluster(hosts=2, rate_mbit=rate, cores=[cores[:half], cores[half:] or cores[:1]]) as c:
-            raw = run_instances(c, spec, args.timeout)
-        load = os.getloadavg()
-        report["rates"][f"{rate:g}"] = {**summarize(raw), "raw": raw, "loadavg": load,
+        raws, rows, share = [], {}, None
+        for k, names in enumerate(groups):  # the first group measures the share
+            spec = {"model": model, "tp": args.tp,
+                    "max_len": args.prompt_tokens + args.gen_tokens + 64,
+                    "instances": {n: STRATEGIES[n] for n in names}, "work": work,
+                    "rounds": args.rounds, "unshaped_rounds": args.unshaped_rounds if k == 0 else 0,
+                    "out": str(out / f"rate_{rate:g}" / f"group{k}")}
+            with Cluster(hosts=2, rate_mbit=rate,
+                         cores=[cores[:half], cores[half:] or cores[:1]]) as c:
+                raws.append(run_instances(c, spec, args.timeout))
+            summary = summarize(raws[-1], share)
+            share = summary["stock_comm_share"]
+            rows.update({n: r for n, r in summary["strategies"].items() if n not in rows})
+        report["rates"][f"{rate:g}"] = {"stock_comm_share": share, "strategies": rows,
+                                        "raw": raws, "loadavg": os.getloadavg(),
                                         "wall_s": time.perf_counter() - t0}
         (out / "vllm_hosts.json").write_text(json.dumps(report, indent=1))
         _print_rate(rate, report["rates"][f"{rate:g}"])

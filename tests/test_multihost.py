@@ -23,6 +23,7 @@ from flashcomm.bench import cluster
 from flashcomm.bench.cluster import Cluster
 from flashcomm.bench.hosts import link_bytes, torchrun_on_hosts
 from flashcomm.config import FlashCommConfig
+from flashcomm.launch import CPU_MALLOC_ENV
 from flashcomm.model_args import ModelArgs
 from flashcomm.models.engine import Engine
 from flashcomm.models.random_checkpoint import small_llama_config, write_checkpoint
@@ -47,6 +48,14 @@ BYTES_PROMPTS = [[(7 * i + 3) % 250 + 3 for i in range(300)], [5, 6, 7] * 70]
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 3-layer random Llama (H = D = 64) with a byte-level tokenizer."""
     return write_checkpoint(tmp_path_factory.mktemp("tiny"), small_llama_config(**TINY), seed=3)
+
+
+@pytest.fixture(scope="module")
+def tiny8(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same with 8 heads and 8 KV heads: it splits over any TP size up to 8."""
+    cfg = small_llama_config(**{**TINY, "num_attention_heads": 8, "num_key_value_heads": 8,
+                                "head_dim": 8})
+    return write_checkpoint(tmp_path_factory.mktemp("tiny8"), cfg, seed=4)
 
 
 def _reference(model: Path, prompts: list[list[int]], new: int) -> list[list[int]]:
@@ -96,17 +105,27 @@ def _readme_argv(model: Path, extra: list[str]) -> list[str]:
 
 
 @needs_cluster
-def test_readme_multinode_recipe(tiny: Path) -> None:
-    prompt = "hello"
+def test_readme_multinode_recipe(tiny8: Path) -> None:
+    """The two-node line of docs/multi-node.md, word for word, one copy per host."""
+    from doc_commands import doc_argv, doc_command  # tests/doc_commands.py
+
+    shown = doc_command("docs/multi-node.md", "torchrun --nnodes 2")
     with Cluster(2, rate_mbit=1000, cores=[[0], [1 % len(cluster.os.sched_getaffinity(0))]]) as c:
-        res = torchrun_on_hosts(c, 2, _readme_argv(tiny, ["--prompt", prompt,
-                                                          "--max-new-tokens", "6", "--json"]),
-                                timeout_s=300)
-    _ok(res)
-    out = json.loads(res[0].stdout.strip().splitlines()[-1])
-    ref = Engine.from_checkpoint(tiny, FlashCommConfig(), None, progress=False)
-    assert out["tokens"] == ref.generate(ref.encode([prompt]), 6).tokens
-    assert out["config"]["tp"] == 4 and res[1].stdout.strip() == ""  # host 1 prints nothing
+        lines = [doc_argv(shown, DIR=str(tiny8), R=str(i), HOST=c.addr(0)) for i in range(2)]
+        torchrun = str(Path(sys.executable).with_name("torchrun"))
+        procs = [c.popen(i, [torchrun, *argv[1:]], env={**env, **CPU_MALLOC_ENV},
+                         stdout=cluster.subprocess.PIPE, stderr=cluster.subprocess.PIPE,
+                         text=True) for i, (env, argv) in enumerate(lines)]
+        res = [p.communicate(timeout=300) for p in procs]
+    for i, (p, (_, err)) in enumerate(zip(procs, res, strict=True)):
+        assert p.returncode == 0, f"host {i}:\n{err[-4000:]}"
+    ref = Engine.from_checkpoint(tiny8, FlashCommConfig(), None, progress=False)
+    prompt = re.search(r'--prompt "([^"]*)"', shown).group(1)
+    new = int(re.search(r"--max-new-tokens (\d+)", shown).group(1)) if "--max-new" in shown \
+        else 32  # flashcomm run's default
+    text = ref.generate(ref.encode([prompt]), new).text[0]
+    assert f"[0] {text!r}" in res[0][0], res[0][0]  # global rank 0 prints the result
+    assert res[1][0].strip() == ""  # host 1's ranks print nothing
 
 
 @needs_cluster

@@ -108,7 +108,7 @@ def run(spec: dict) -> dict | None:
         namer = namer or groups
         with groups.naming_link_errors():
             cfg, _ = resolve_auto(cfg, groups, args.dim, args.q_dim, 4)
-            thresholds.append(cfg.flashcomm2_min_tokens)
+            thresholds.append(cfg.flashcomm2_min_tokens if cfg.flashcomm2 else None)
             eng = Engine.from_checkpoint(model, cfg, groups, progress=False, dtype=torch.float32)
             res = eng.generate(spec["prompts"], spec["max_new_tokens"])
             eng.generate(spec["bytes_prompts"], 1)  # warm-up of the counted prefill

@@ -437,4 +437,9 @@ if __name__ == "__main__":
     elif cli.role == "headless":
         headless(json.loads(Path(cli.spec).read_text()), cli.name)
     else:
+        import signal
+
+        # SIGTERM (e.g. from `timeout`) must unwind through `with Cluster`, which kills every
+        # process on the hosts and deletes the namespaces
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
         raise SystemExit(main(cli))

@@ -21,7 +21,8 @@ import torch
 
 from flashcomm.bench import cluster
 from flashcomm.bench.cluster import Cluster
-from flashcomm.bench.hosts import link_bytes, torchrun_on_hosts
+from flashcomm.bench.hosts import torchrun_on_hosts
+from flashcomm.bench.link_model import link_bytes
 from flashcomm.config import FlashCommConfig
 from flashcomm.launch import CPU_MALLOC_ENV
 from flashcomm.model_args import ModelArgs

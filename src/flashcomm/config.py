@@ -116,10 +116,12 @@ class FlashCommConfig:
                                  parse=enum_parser(CommDtype))
     """Payload dtype of the FlashComm2 all-to-all."""
     expert_parallel: bool = knob(False, flag="--expert-parallel", env="FLASHCOMM_EXPERT_PARALLEL",
-                                 help="MoE: each TP rank holds E/N whole experts (all-to-all "
-                                 "token exchange) instead of a 1/N slice of every expert",
+                                 help="MoE: each TP rank holds whole experts (floor(E/N), one "
+                                 "more on the first E mod N ranks; all-to-all token "
+                                 "exchange) instead of a 1/N slice of every expert",
                                  parse=parse_bool)
-    """MoE models: E/N whole experts per TP rank and an all-to-all token exchange, instead of
+    """MoE models: whole experts per TP rank (vLLM's placement: floor(E/N), one more on the first
+    E mod N ranks) and an all-to-all token exchange, instead of
     tensor-parallel experts (a 1/N slice of every expert, reduced like the dense MLP)."""
     pp_layer_partition: tuple[int, ...] = knob(
         (), flag="--pp-layer-partition", env="VLLM_PP_LAYER_PARTITION",

@@ -7,7 +7,7 @@ Per rate and strategy:
 - stock_comm_share: stock's collectives of one prefill replayed alone (no compute) over stock's
   prefill time;
 - prefill_link_bytes: TCP payload that crossed the links (both hosts) during one timed prefill
-  (median over rounds), next to model_link_bytes (flashcomm.bench.hosts.link_bytes);
+  (median over rounds), next to model_link_bytes (flashcomm.bench.link_model.link_bytes);
 - limit = 1 - share * (1 - bytes_ratio), bytes_ratio = the strategy's link bytes over stock's:
   the prefill ratio if communication time scaled with link bytes and compute stayed the same;
 - predicted_prefill_ratio: the planner on the profile fitted across these hosts (`bench comm
@@ -21,6 +21,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from flashcomm.bench.link_model import link_bytes
 from flashcomm.model_args import ModelArgs
 from flashcomm.plan.costmodel import HardwareProfile, Shape, crossover_tokens, layer_flops
 from flashcomm.plan.deploy import phase_cost
@@ -48,8 +49,6 @@ def _link(ranks: list[dict], i: int) -> float:
 
 def summarize_rate(raw: dict, args: ModelArgs, tokens: int) -> dict:
     """The rows of one link rate (see the module doc)."""
-    from flashcomm.bench.hosts import link_bytes
-
     out = raw["ranks"]
     timing = out["ranks"][0]["timing"]
     labels = out["labels"]

@@ -21,7 +21,7 @@ from doc_commands import PAGES, ROOT, doc_argv, doc_command, page_commands
 from flashcomm.models.random_checkpoint import small_llama_config, write_checkpoint
 
 TESTS = Path(__file__).resolve().parent
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=8,
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=8,
             num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
 
 

@@ -22,9 +22,10 @@ STOCK_FC2_OSHARD = {
 
 def run_instances(tmp: Path, model: Path, runs: dict[str, tuple[dict[str, str], bool]], *,
                   tp: int = 2, timeout: int = 240, max_tokens: int = 8,
-                  prompt_scale: int = 1) -> dict:
+                  prompt_scale: int = 1, llm: dict | None = None) -> dict:
     """run_vllm.py on `runs` (name -> (env, eager)) in one subprocess and ONE compile-cache
-    root, each instance with its own timeout; adds each run's report dir and the log path."""
+    root, each instance with its own timeout (`llm`: more LLM arguments for every instance);
+    adds each run's report dir and the log path."""
     out, log = tmp / "runs.json", tmp / "vllm.log"
     specs = {}
     for name, (env, eager) in runs.items():
@@ -32,7 +33,8 @@ def run_instances(tmp: Path, model: Path, runs: dict[str, tuple[dict[str, str], 
         if "FLASHCOMM2_PARALLEL_SIZE" in env:
             env["FLASHCOMM_REPORT_DIR"] = str(tmp / "report" / name)
         specs[name] = {"env": env, "eager": eager, "tp": tp, "timeout": timeout,
-                       "max_tokens": max_tokens, "prompt_scale": prompt_scale}
+                       "max_tokens": max_tokens, "prompt_scale": prompt_scale,
+                       "llm": llm or {}}
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "nobind",
            "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}
     for var in FlashCommConfig.env_names():  # the parent's environment must not leak in
@@ -51,13 +53,14 @@ def run_instances(tmp: Path, model: Path, runs: dict[str, tuple[dict[str, str], 
     return results
 
 
-def run_eager(tmp_path_factory, build, runs: dict[str, dict[str, str]], max_tokens: int) -> dict:
+def run_eager(tmp_path_factory, build, runs: dict[str, dict[str, str]], max_tokens: int,
+              llm: dict | None = None) -> dict:
     """Write a checkpoint with `build(dir)`, then run_instances with every run eager (name ->
-    env) on it; each run must end without error."""
+    env, `llm`: more LLM arguments) on it; each run must end without error."""
     tmp = tmp_path_factory.mktemp(build.__name__)
     model = build(tmp / "model")
     results = run_instances(tmp, model, {name: (env, True) for name, env in runs.items()},
-                            timeout=150, max_tokens=max_tokens)
+                            timeout=150, max_tokens=max_tokens, llm=llm)
     for name, res in results.items():
         assert "error" not in res, f"{name}: {res.get('traceback')}"
     return results

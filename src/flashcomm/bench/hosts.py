@@ -87,6 +87,9 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--decode-batch", type=int, default=4)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds")
+    parser.add_argument("--sweep-tokens", default="1,4,16,64,256,1024",
+                        help="prefill sizes at which stock and fc2 are timed to locate the "
+                        "measured crossover (comma-separated; empty: no sweep)")
     parser.add_argument("--model", default="", help="checkpoint (default: a random "
                         "H=1024, 4-layer Llama written under --out)")
     parser.add_argument("--timeout", type=float, default=1500.0, help="seconds per launch")
@@ -114,7 +117,9 @@ def run_rate(c: Cluster, rate: float, model: str, out: Path, args: Any) -> dict:
                 max_new_tokens=4, bytes_prompts=[_ids(args.prefill_tokens, 1)],
                 out=str(out / "ranks.json"), group_timeout_s=300, rounds=args.rounds,
                 prefill_tokens=args.prefill_tokens, decode_batch=args.decode_batch,
-                decode_tokens=args.decode_tokens)
+                decode_tokens=args.decode_tokens,
+                sweep={"tokens": [int(t) for t in args.sweep_tokens.split(",") if t],
+                       "strategies": [labels.index("allreduce"), labels.index("fc2")]})
     (out / "spec.json").write_text(json.dumps(spec))
     res = torchrun_on_hosts(c, 1, ["-m", "flashcomm.bench.hosts_rank", "--spec",
                                    str(out / "spec.json")], timeout_s=args.timeout)
@@ -158,5 +163,7 @@ def main(args: Any) -> int:
                   f"{st['predicted_prefill_ratio']:.3f}, limit {st['limit']:.3f}) generate "
                   f"x{st['generate_ratio']:.3f}  link {st['prefill_link_bytes'] / 2**20:.1f} MiB "
                   f"(model {st['model_link_bytes'] / 2**20:.1f})")
+        print(f"  fc2 crossover: measured {row['measured_crossover']['text']}, planner "
+              f"{row['predicted_crossover_tokens']}")
     print(f"wrote {out / 'hosts.json'} and {out / 'hosts.png'}")
     return 0

@@ -164,6 +164,7 @@ def _timing(spec: dict, engines: list[Engine], link: _Link, strategies: list[Str
             res = engines[i].generate(decode, dec_new)
             gen[i].append(_slowest(time.perf_counter() - t0))
             del res
+    sweep = _sweep(spec.get("sweep") or {}, engines, args, int(spec["rounds"]))
     # stock's collectives of one prefill replayed alone: its communication time
     base = engines[[s.label for s in strategies].index("allreduce")] if any(
         s.label == "allreduce" for s in strategies) else engines[0]
@@ -178,7 +179,29 @@ def _timing(spec: dict, engines: list[Engine], link: _Link, strategies: list[Str
         comm.append(_slowest(time.perf_counter() - t0))
     return {"prefill_tokens": t_pre, "decode_batch": dec_batch, "decode_tokens": dec_new,
             "prefill_s": pre, "generate_s": gen, "prefill_link": pre_link,
-            "stock_comm_s": comm}
+            "stock_comm_s": comm, "sweep": sweep}
+
+
+def _sweep(sweep: dict, engines: list[Engine], args: ModelArgs, rounds: int) -> dict | None:
+    """Prefill at each of sweep["tokens"] for the strategies sweep["strategies"] (indices),
+    interleaved in rotating order per round: where the measured crossover lies."""
+    tokens, which = [int(t) for t in sweep.get("tokens", [])], list(sweep.get("strategies", []))
+    if not tokens or not which:
+        return None
+    prompts = [[_ids(t, args.vocab_size, 100 + t)] for t in tokens]
+    for i in which:
+        for p in prompts:
+            engines[i].generate(p, 1)
+    secs = {i: [[] for _ in tokens] for i in which}  # [strategy][T][round]
+    for r in range(rounds):
+        _say(dist.get_rank(), f"sweep round {r}")
+        for k, p in enumerate(prompts):
+            for j in range(len(which)):
+                i = which[(j + r) % len(which)]
+                t0 = time.perf_counter()
+                engines[i].generate(p, 1)
+                secs[i][k].append(_slowest(time.perf_counter() - t0))
+    return {"tokens": tokens, "strategies": which, "prefill_s": [secs[i] for i in which]}
 
 
 def main() -> None:

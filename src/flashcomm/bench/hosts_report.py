@@ -17,6 +17,7 @@ Per rate and strategy:
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,33 @@ def _link(ranks: list[dict], i: int) -> float:
         sent = [x["payload"] for x in r["timing"]["prefill_link"][i] if x]
         total += statistics.median(sent) if sent else 0.0
     return total
+
+
+def measured_crossover(tokens: list[int], ratios: list[float]) -> dict:
+    """Where fc2's prefill ratio to stock first drops to 1 or below and stays there, by
+    log-linear interpolation between the two swept sizes around it. `bound` says whether the
+    value is a point ("at"), or the crossing lies outside the sweep ("below" the first size,
+    "above" the last)."""
+    last_loss = max((k for k, r in enumerate(ratios) if r > 1.0), default=None)
+    if last_loss is None:
+        return {"tokens": tokens[0], "bound": "below", "text": f"<= {tokens[0]}"}
+    if last_loss == len(ratios) - 1:
+        return {"tokens": tokens[-1], "bound": "above", "text": f"> {tokens[-1]}"}
+    t0, t1 = math.log(tokens[last_loss]), math.log(tokens[last_loss + 1])
+    r0, r1 = ratios[last_loss], ratios[last_loss + 1]
+    at = math.exp(t0 + (t1 - t0) * (r0 - 1.0) / (r0 - r1))
+    return {"tokens": at, "bound": "at", "text": f"{at:.0f}"}
+
+
+def _sweep_rows(timing: dict) -> dict | None:
+    sweep = timing.get("sweep")
+    if not sweep:
+        return None
+    stock, fc2 = sweep["prefill_s"]
+    ratios = [_median_ratio(f, s) for f, s in zip(fc2, stock, strict=True)]
+    return {"tokens": sweep["tokens"], "fc2_prefill_ratio": ratios,
+            "stock_prefill_s": [statistics.median(s) for s in stock],
+            "crossover": measured_crossover(sweep["tokens"], ratios)}
 
 
 def summarize_rate(raw: dict, args: ModelArgs, tokens: int) -> dict:
@@ -81,9 +109,12 @@ def summarize_rate(raw: dict, args: ModelArgs, tokens: int) -> dict:
             "predicted_prefill_ratio": pred / stock_pred,
         })
     fc2 = Strategy("flashcomm2", 1)
+    sweep = _sweep_rows(timing)
     return {"rate_mbit": raw["rate_mbit"], "stock_comm_share": share,
             "predicted_stock_comm_share": 1 - compute / stock_pred,
             "predicted_crossover_tokens": crossover_tokens(profile, shape, fc2, Strategy()),
+            "sweep": sweep,
+            "measured_crossover": sweep["crossover"] if sweep else {"text": "not swept"},
             "profile": raw["profile"], "strategies": rows}
 
 
@@ -109,7 +140,7 @@ def plot(result: dict, path: Path) -> None:
 
     rates = [r["rate_mbit"] / 1000 for r in result["rates"]]
     labels = [s["label"] for s in result["rates"][0]["strategies"] if s["label"] != STOCK]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4.2))
     for k, label in enumerate(labels):
         rows = [next(s for s in r["strategies"] if s["label"] == label) for r in result["rates"]]
         color = f"C{k}"
@@ -117,6 +148,19 @@ def plot(result: dict, path: Path) -> None:
         a.plot(rates, [1 / s["predicted_prefill_ratio"] for s in rows], "x--", color=color,
                alpha=0.6)
         b.plot(rates, [1 / s["generate_ratio"] for s in rows], "o-", color=color, label=label)
+    for k, r in enumerate(result["rates"]):
+        if r.get("sweep"):
+            color = f"C{k}"
+            c.plot(r["sweep"]["tokens"], [1 / x for x in r["sweep"]["fc2_prefill_ratio"]], "o-",
+                   color=color, label=f"{r['rate_mbit'] / 1000:g} Gbit/s")
+            if r["predicted_crossover_tokens"]:
+                c.axvline(r["predicted_crossover_tokens"], color=color, ls="--", alpha=0.6)
+    c.set_xscale("log")
+    c.axhline(1.0, color="grey", lw=0.8)
+    c.set_xlabel("prefill tokens T")
+    c.set_ylabel("fc2 speed-up over stock")
+    c.set_title("crossover (dashed: planner's T)")
+    c.legend(fontsize=8)
     t = result["setup"]["prefill_tokens"]
     for ax, title in ((a, f"prefill T={t} (dashed: planner)"),
                       (b, "decode-heavy generate")):

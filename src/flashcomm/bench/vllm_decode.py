@@ -11,7 +11,8 @@ Per round, in an order that rotates: (1) inside the workers of stock and t64, mi
 call of one layer's o_proj at a decode-sized T (stock: vLLM's GEMM, its all-reduce, both; ours:
 the flashcomm::o_proj op as the compiled graph calls it), the slowest rank's mean over --calls
 back-to-back calls; (2) one decode-heavy generate per instance. Ratios are medians over rounds
-of (time / stock's time in the same round); JSON + PNG go to --out.
+of (time / stock's time in the same round); every timed call first waits for the other
+instances' workers to stop polling (vllm_prefill.settle). JSON + PNG go to --out.
 
     .venv-vllm/bin/python -m flashcomm.bench.vllm_decode --out results/vllm_decode
 """
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flashcomm.bench.vllm_prefill import WORDS, build_random_llama, set_cpu_worker_env
+from flashcomm.bench.vllm_prefill import WORDS, build_random_llama, set_cpu_worker_env, settle
 
 FC2 = {"FLASHCOMM2_PARALLEL_SIZE": "1"}
 STRATEGIES: dict[str, dict[str, str]] = {
@@ -152,10 +153,12 @@ def main(args: argparse.Namespace) -> int:
         for r in range(args.rounds):
             order = [names[(i + r) % len(names)] for i in range(len(names))]
             for n in (x for x in order if x in timed):
+                settle()
                 for k, v in llms[n].collective_rpc(time_o_proj,
                                                    args=(args.tokens, args.calls))[0].items():
                     res[n]["us"].setdefault(k, []).append(v)
             for n in order:
+                settle()
                 t0 = time.perf_counter()
                 llms[n].generate(prompts, params, use_tqdm=False)
                 res[n]["generate_s"].append(time.perf_counter() - t0)

@@ -119,7 +119,11 @@ def _link_bytes() -> tuple[int, int]:
 
 
 def _call(llm: Any, prompts: list[str], params: Any) -> tuple[float, int, int, list]:
-    """One generate(): seconds, link bytes, link frames, outputs."""
+    """One generate(): seconds, link bytes, link frames, outputs (after the other instances'
+    workers have stopped polling)."""
+    from flashcomm.bench.vllm_prefill import settle
+
+    settle()
     b0, f0 = _link_bytes()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)

@@ -10,7 +10,8 @@ After one warm-up call each, --rounds rounds call every strategy once per worklo
 that rotates per round; a ratio to stock is the median over rounds of (time / stock's time in the
 same round), so machine load that drifts between rounds cancels; `best` is the ratio of the
 fastest rounds (load spikes only add time). `stock_again`, a second stock instance, shows the
-noise floor (A/A). Idle instances sleep (vLLM's workers stop polling after a short busy loop).
+noise floor (A/A). Each timed call first waits until the other instances' workers have stopped
+polling (`settle`).
 JSON + PNG with the ratios go to --out.
 
     .venv-vllm/bin/python -m flashcomm.bench.vllm_prefill --out results/vllm_prefill
@@ -39,6 +40,15 @@ STRATEGIES: dict[str, dict[str, str]] = {
                     "FLASHCOMM_SHARD_SOURCE": "gather", "FLASHCOMM_PREFETCH_STEP": "1"},
 }
 WORDS = [f"w{i}" for i in range(500)]
+QUIET_AFTER_S = 1.2
+"""vLLM's workers busy-poll their shared-memory queue for 1 s after each read (MessageQueue's
+busy_loop_s) before they sleep; a call to another instance inside that second shares the cores
+with them (on 2 cores an A/A ratio of 1.07 with rounds up to 4x). Timed calls wait this long."""
+
+
+def settle() -> None:
+    """Wait until every idle instance's workers have stopped polling (QUIET_AFTER_S)."""
+    time.sleep(QUIET_AFTER_S)
 
 
 def build_random_llama(out: Path, *, layers: int, hidden: int, heads: int, kv_heads: int,
@@ -109,6 +119,7 @@ def _start(stack: contextlib.ExitStack, model: str, env: dict[str, str], max_len
 
 
 def _call(llm: Any, prompts: list[str], params: Any) -> tuple[float, list]:
+    settle()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     return time.perf_counter() - t0, outs

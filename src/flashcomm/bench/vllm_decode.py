@@ -7,12 +7,13 @@ in this process (each its own compile-cache root):
 - never: FLASHCOMM2_MIN_TOKENS=auto (fitted at start-up; on one machine FlashComm2 never wins,
   so the plugin keeps stock's layers and graph, see `mode` in the facts);
 - t64: FLASHCOMM2_MIN_TOKENS=64, the per-step op (decode steps take its row-parallel path).
-Per round, in an order that rotates: (1) inside the workers of stock and t64, microseconds per
-call of one layer's o_proj at a decode-sized T (stock: vLLM's GEMM, its all-reduce, both; ours:
-the flashcomm::o_proj op as the compiled graph calls it), the slowest rank's mean over --calls
-back-to-back calls; (2) one decode-heavy generate per instance. Ratios are medians over rounds
-of (time / stock's time in the same round); every timed call first waits for the other
-instances' workers to stop polling (vllm_prefill.settle). JSON + PNG go to --out.
+--rounds rounds of one decode-heavy generate per instance, in an order that rotates; then
+--rounds rounds, inside the workers of stock and t64, of microseconds per call of one layer's
+o_proj at a decode-sized T (stock: vLLM's GEMM, its all-reduce, both; ours: the flashcomm::o_proj
+op as the compiled graph calls it), the slowest rank's mean over --calls back-to-back calls.
+Ratios are medians over rounds of (time / stock's time in the same round); every timed call
+first waits for the other instances' workers to stop polling (vllm_prefill.settle). JSON + PNG
+go to --out.
 
     .venv-vllm/bin/python -m flashcomm.bench.vllm_decode --out results/vllm_decode
 """
@@ -150,18 +151,20 @@ def main(args: argparse.Namespace) -> int:
             res[n]["startup_s"] = time.perf_counter() - t0
             outs = llms[n].generate(prompts, params, use_tqdm=False)  # warm-up; keep tokens
             res[n]["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
+        # generate rounds first, per-call rounds after: the in-worker timing loops leave
+        # nothing behind that a generate of the same round could pay for
         for r in range(args.rounds):
-            order = [names[(i + r) % len(names)] for i in range(len(names))]
-            for n in (x for x in order if x in timed):
-                settle()
-                for k, v in llms[n].collective_rpc(time_o_proj,
-                                                   args=(args.tokens, args.calls))[0].items():
-                    res[n]["us"].setdefault(k, []).append(v)
-            for n in order:
+            for n in (names[(i + r) % len(names)] for i in range(len(names))):
                 settle()
                 t0 = time.perf_counter()
                 llms[n].generate(prompts, params, use_tqdm=False)
                 res[n]["generate_s"].append(time.perf_counter() - t0)
+        for r in range(args.rounds):
+            for n in (timed[(i + r) % len(timed)] for i in range(len(timed))):
+                settle()
+                for k, v in llms[n].collective_rpc(time_o_proj,
+                                                   args=(args.tokens, args.calls))[0].items():
+                    res[n]["us"].setdefault(k, []).append(v)
         for n in names:
             res[n]["facts"] = llms[n].collective_rpc(_facts)[0]
     base = res[names[0]]

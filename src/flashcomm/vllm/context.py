@@ -204,8 +204,10 @@ class VllmFlashComm:
         never = self.min_tokens is None or self.min_tokens > self.max_step_tokens
         self.mode = STOCK if never else RANGES if self._ranges_hold() else PER_STEP
         if self.mode == STOCK:
+            why = ("FlashComm2 never beats the all-reduce on this group" if self.min_tokens is None
+                   else f"no step exceeds max_num_batched_tokens={self.max_step_tokens}")
             action = ("stock graph: vLLM's own o_proj/qkv layers, weights and GEMM, no flashcomm "
-                      f"op traced (no step exceeds max_num_batched_tokens={self.max_step_tokens})")
+                      f"op traced ({why})")
             self._write_report()
         else:
             if cfg.flashcomm2_min_tokens != AUTO:

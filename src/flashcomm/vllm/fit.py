@@ -105,11 +105,15 @@ def choose_impl(ctx: Any, rows: tuple[int, ...] = CHOICE_ROWS, rounds: int = 3
 def time_calls(ctx: Any, tp: Any, names: tuple[str, ...], hidden: int, q_dim: int,
                dtype: torch.dtype, *, rows: tuple[int, ...] = ROWS, rounds: int = 5,
                calls: int = 3) -> list[tuple[str, int, Call, float]]:
-    """(name, rows, call, seconds): the least over rounds of the slowest rank's time per call,
-    `calls` back to back after a barrier (collective: every rank gets the same numbers). The
-    least, not the median: other processes only ever add time, and on a shared 2-core machine
-    a spike in one op's rounds moved the median enough to put the threshold at 39 tokens in
-    one start-up and never in the next (BENCHMARKS.md)."""
+    """(name, rows, call, seconds): the least over `rounds` x `calls` samples of the slowest
+    rank's time for one call issued right after a barrier (collective: every rank gets the same
+    numbers). One call per sample, as a step issues each collective once between computes:
+    back-to-back calls of the same op overlap one call's tail with the next one's head, and
+    across two emulated hosts that made gloo's all-to-all look 1.7 ms a call instead of 2.9 ms,
+    so `auto` put FlashComm2 on decode steps where it cost 12 % (BENCHMARKS.md, two hosts).
+    The least, not the median: other processes only ever add time, and on a shared 2-core
+    machine a spike in one op's rounds moved the median enough to put the threshold at 39
+    tokens in one start-up and never in the next."""
     device, group = tp.device, ctx.groups.tp.group
     keys: list[tuple[str, int, Call]] = []
     times: list[list[float]] = []  # [sample][round]
@@ -119,14 +123,13 @@ def time_calls(ctx: Any, tp: Any, names: tuple[str, ...], hidden: int, q_dim: in
             fn = every[name][3]
             fn()  # warm-up
             samples = []
-            for _ in range(rounds):
+            for _ in range(rounds * calls):
                 _sync(device)
                 dist.barrier(group=group)
                 t0 = time.perf_counter()
-                for _ in range(calls):  # back to back, as a step issues them
-                    fn()
+                fn()
                 _sync(device)
-                samples.append((time.perf_counter() - t0) / calls)
+                samples.append(time.perf_counter() - t0)
             keys.append((name, r, every[name]))
             times.append(samples)
     slowest = torch.tensor(times, dtype=torch.float64)

@@ -146,8 +146,15 @@ def main(args: Any) -> int:
         raise FlashCommError(why)
     out = Path(args.out)
     model = args.model or str(out / "model")
+    need = args.prefill_tokens + 8  # the prefill's prompt plus its one new token, with room
     if not args.model and not (out / "model" / "config.json").exists():
-        write_checkpoint(out / "model", small_llama_config(**BENCH_MODEL), seed=0)
+        write_checkpoint(out / "model", small_llama_config(
+            **BENCH_MODEL, max_position_embeddings=max(2048, 1 << (need - 1).bit_length())), seed=0)
+    limit = json.loads((Path(model) / "config.json").read_text()).get("max_position_embeddings")
+    if limit is not None and need > limit:
+        raise FlashCommError(f"--prefill-tokens={args.prefill_tokens}: the prefill needs {need} "
+                             f"positions and {model} has max_position_embeddings={limit}; "
+                             "allowed: at most " + str(limit - 8))
     cores = sorted(os.sched_getaffinity(0))
     raw = []
     for rate in [float(r) for r in args.rates.split(",") if r]:

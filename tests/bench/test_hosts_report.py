@@ -29,3 +29,4 @@ def test_a_late_loss_moves_the_crossover_past_an_early_win() -> None:
 def test_outside_the_sweep_is_a_bound(ratios: list[float], bound: str, text: str) -> None:
     got = measured_crossover([2, 8, 32], ratios)
     assert (got["bound"], got["text"]) == (bound, text)
+

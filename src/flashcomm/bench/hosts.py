@@ -23,6 +23,8 @@ from flashcomm.bench.cluster import Cluster
 from flashcomm.launch import CPU_MALLOC_ENV
 
 MASTER_PORT = 29500
+POSITION_ROOM = 8
+"""Positions a prefill needs beyond its prompt: its one new token, with room to spare."""
 
 
 def torchrun_argv(nnodes: int, nproc_per_node: int, node_rank: int, master_addr: str,
@@ -146,7 +148,7 @@ def main(args: Any) -> int:
         raise FlashCommError(why)
     out = Path(args.out)
     model = args.model or str(out / "model")
-    need = args.prefill_tokens + 8  # the prefill's prompt plus its one new token, with room
+    need = args.prefill_tokens + POSITION_ROOM
     if not args.model and not (out / "model" / "config.json").exists():
         write_checkpoint(out / "model", small_llama_config(
             **BENCH_MODEL, max_position_embeddings=max(2048, 1 << (need - 1).bit_length())), seed=0)
@@ -154,7 +156,7 @@ def main(args: Any) -> int:
     if limit is not None and need > limit:
         raise FlashCommError(f"--prefill-tokens={args.prefill_tokens}: the prefill needs {need} "
                              f"positions and {model} has max_position_embeddings={limit}; "
-                             "allowed: at most " + str(limit - 8))
+                             f"allowed: at most {limit - POSITION_ROOM}")
     cores = sorted(os.sched_getaffinity(0))
     raw = []
     for rate in [float(r) for r in args.rates.split(",") if r]:

@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from flashcomm import comm
 from flashcomm.comm import (
     CommCounter,
     all_gather_tokens,
@@ -25,8 +26,13 @@ H, D = 40, 64  # D != H; D/N integral for N in {2, 4}
 ELT = 4  # fp32
 
 
+# gloo exchanges cut blocks into pieces of comm.PIECE_BYTES with comm.IN_FLIGHT outstanding:
+# MANY_PIECES tokens give every rank's block more pieces than that (and a ragged last piece)
+MANY_PIECES = 4 * (comm.IN_FLIGHT + 2) * comm.PIECE_BYTES // (H * ELT) + 3
+
+
 def _token_counts(n: int) -> list[int]:
-    return [0, 1, n - 1, n, 2 * n + 1, 37, 256]
+    return [0, 1, n - 1, n, 2 * n + 1, 37, 256, MANY_PIECES]
 
 
 def _otps(n: int) -> list[int]:

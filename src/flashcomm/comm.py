@@ -17,9 +17,14 @@ The counters record these formulas whatever primitive runs underneath.
 
 Primitives per backend: one implementation per op and backend, the fastest measured
 (`flashcomm bench comm --candidates` re-measures them; the figures are in BENCHMARKS.md). On
-gloo the reduce-scatter is an all_to_all_single of the N chunks plus a local sum (same (N-1)/N
-bytes) and the all-gather is N async broadcasts into the output's slices: gloo's ring
-collectives lose to both. NCCL keeps the native reduce_scatter_single / all_gather_single /
+gloo the all-to-all and the all-gather are pairwise exchanges (`_pairwise`): each block is cut
+into pieces of at most PIECE_BYTES with IN_FLIGHT piece pairs outstanding, so both directions
+of every link stay busy. Blocks of one piece or less (decode) keep one message per block
+(all_to_all_single; N async broadcasts for the all-gather): gloo's point-to-point calls cost
+about 2 ms more there. The reduce-scatter is that all-to-all plus a local sum (same (N-1)/N
+bytes). gloo's ring collectives lose to these, and one whole-block message per direction
+(all_to_all_single, broadcasts) leaves a link half idle on some calls (BENCHMARKS.md, "gloo
+exchanges across hosts"). NCCL keeps the native reduce_scatter_single / all_gather_single /
 all_to_all_single / all_reduce.
 
 int8 (`comm_dtype="int8"`): each token row of the all-to-all payload x `[T, D/N]` is sent as
@@ -96,8 +101,53 @@ def _gloo(group: GroupHandle) -> bool:
 # ---- primitives: one fastest implementation per backend ---------------------------------
 
 
+PIECE_BYTES = 256 * 1024
+"""Largest message of a gloo pairwise exchange, and the block size above which it is used. A
+whole multi-MiB block per direction left one direction idle on about half the calls across a
+tbf-shaped link (72 or 141 ms for a 4 MiB all-gather at 500 Mbit/s); 128-512 KiB pieces kept
+both busy (77 ms, every call)."""
+IN_FLIGHT = 4
+"""Piece pairs (send + receive) outstanding per exchange: one or two left the link idle
+between pieces; four sustained the line rate at 500 Mbit/s."""
+
+
+def _pieces(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """x [R, ...] contiguous -> dim-0 views of at most PIECE_BYTES each (one piece per row at
+    least); sender and receiver cut equal-shaped blocks identically."""
+    rows = max(1, PIECE_BYTES // max(_row_bytes(x), 1))
+    return x.split(rows) if x.shape[0] else ()
+
+
+def _pairwise(sends: list[torch.Tensor], recvs: list[torch.Tensor], group: GroupHandle) -> None:
+    """Send sends[p] to member p and receive recvs[p] from it, for every member p but this rank
+    (contiguous, equal shapes per pair), in pieces with IN_FLIGHT pairs outstanding. Offset k
+    pairs this rank with r+k (send) and r-k (receive), so every link carries both directions."""
+    n, r = group.size, group.rank
+    jobs = []
+    for k in range(1, n):
+        to, frm = (r + k) % n, (r - k) % n
+        for a, b in zip(_pieces(sends[to]), _pieces(recvs[frm]), strict=True):
+            jobs.append((a, group.global_rank(to), b, group.global_rank(frm)))
+    pending: list[list[dist.Work]] = []
+    for a, dst, b, src in jobs:
+        pending.append([dist.irecv(b, src, group=group.group),
+                        dist.isend(a, dst, group=group.group)])
+        if len(pending) >= IN_FLIGHT:
+            for w in pending.pop(0):
+                w.wait()
+    for pair in pending:
+        for w in pair:
+            w.wait()
+
+
 def _all_to_all(out: torch.Tensor, inp: torch.Tensor, group: GroupHandle) -> None:
     """Pairwise exchange of the group.size equal dim-0 blocks of inp into out (all backends)."""
+    n, r = group.size, group.rank
+    if _gloo(group) and inp.nbytes > n * PIECE_BYTES:  # blocks of several pieces
+        ins, outs = inp.chunk(n), out.chunk(n)
+        outs[r].copy_(ins[r])
+        _pairwise(list(ins), list(outs), group)
+        return
     dist.all_to_all_single(out, inp, group=group.group)
 
 
@@ -117,8 +167,12 @@ def _all_gather(chunk: torch.Tensor, group: GroupHandle) -> torch.Tensor:
     """chunk [c, ...] of every member -> [n*c, ...] in group-rank order."""
     n, c = group.size, chunk.shape[0]
     out = chunk.new_empty((n * c, *chunk.shape[1:]))
-    if _gloo(group):  # gloo: async broadcasts into the output slices beat its ring all-gather
+    if _gloo(group):  # gloo: this chunk to every peer beats its ring all-gather
+        chunk = chunk.contiguous()
         out[group.rank * c:(group.rank + 1) * c] = chunk
+        if chunk.nbytes > PIECE_BYTES:
+            _pairwise([chunk] * n, list(out.split(c)), group)
+            return out
         works = [dist.broadcast(out[i * c:(i + 1) * c], src=group.global_rank(i),
                                 group=group.group, async_op=True) for i in range(n)]
         for w in works:

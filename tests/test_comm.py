@@ -26,9 +26,9 @@ H, D = 40, 64  # D != H; D/N integral for N in {2, 4}
 ELT = 4  # fp32
 
 
-# gloo exchanges cut blocks into pieces of comm.PIECE_BYTES with comm.IN_FLIGHT outstanding:
-# MANY_PIECES tokens give every rank's block more pieces than that (and a ragged last piece)
-MANY_PIECES = 4 * (comm.IN_FLIGHT + 2) * comm.PIECE_BYTES // (H * ELT) + 3
+# gloo exchanges cut blocks into pieces of comm.PIECE_BYTES: MANY_PIECES tokens give every
+# rank's block several pieces at N = 4 (and a ragged last piece)
+MANY_PIECES = 4 * 5 * comm.PIECE_BYTES // (H * ELT) + 3
 
 
 def _token_counts(n: int) -> list[int]:

@@ -17,15 +17,17 @@ The counters record these formulas whatever primitive runs underneath.
 
 Primitives per backend: one implementation per op and backend, the fastest measured
 (`flashcomm bench comm --candidates` re-measures them; the figures are in BENCHMARKS.md). On
-gloo the all-to-all and the all-gather are pairwise exchanges (`_pairwise`): each block is cut
-into pieces of at most PIECE_BYTES with IN_FLIGHT piece pairs outstanding, so both directions
-of every link stay busy. Blocks of one piece or less (decode) keep one message per block
-(all_to_all_single; N async broadcasts for the all-gather): gloo's point-to-point calls cost
-about 2 ms more there. The reduce-scatter is that all-to-all plus a local sum (same (N-1)/N
-bytes). gloo's ring collectives lose to these, and one whole-block message per direction
-(all_to_all_single, broadcasts) leaves a link half idle on some calls (BENCHMARKS.md, "gloo
-exchanges across hosts"). NCCL keeps the native reduce_scatter_single / all_gather_single /
-all_to_all_single / all_reduce.
+gloo, blocks larger than PIECE_BYTES travel in pieces, all posted at once, so both directions
+of every link stay busy: the all-to-all is a pairwise exchange (`_start_pairwise`), the
+all-gather a ring whose pieces are forwarded as they arrive (`_ring_all_gather`: with
+consecutive ranks on a host, only two ring edges cross hosts). One whole-block message per
+direction (all_to_all_single, broadcasts) left a shaped link half idle on some calls
+(BENCHMARKS.md, "The engine across two hosts"). Blocks of one piece or less (decode) keep one
+message per block in one gloo work: all_to_all_single, for the all-gather of n copies of the
+chunk (0.4 ms a call at T = 2 across a 500 Mbit/s link, where n async broadcasts took 0.8 ms
+and point-to-point calls about 2 ms). The reduce-scatter is the all-to-all plus a local
+sum (same (N-1)/N bytes); gloo's own ring collectives lose to these. NCCL keeps the native
+reduce_scatter_single / all_gather_single / all_to_all_single / all_reduce.
 
 int8 (`comm_dtype="int8"`): each token row of the all-to-all payload x `[T, D/N]` is sent as
 int8 q = round(x / s) with s = absmax(row) / 127, plus s in fp32 (packed as 4 extra bytes of
@@ -104,11 +106,8 @@ def _gloo(group: GroupHandle) -> bool:
 PIECE_BYTES = 256 * 1024
 """Largest message of a gloo pairwise exchange, and the block size above which it is used. A
 whole multi-MiB block per direction left one direction idle on about half the calls across a
-tbf-shaped link (72 or 141 ms for a 4 MiB all-gather at 500 Mbit/s); 128-512 KiB pieces kept
-both busy (77 ms, every call)."""
-IN_FLIGHT = 4
-"""Piece pairs (send + receive) outstanding per exchange: one or two left the link idle
-between pieces; four sustained the line rate at 500 Mbit/s."""
+tbf-shaped link (72 or 141 ms for a 4 MiB all-gather at 500 Mbit/s); 128-512 KiB pieces, all
+posted at once, kept both busy (75-77 ms, every call; 4, 8 or all pieces outstanding alike)."""
 
 
 def _pieces(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -118,26 +117,20 @@ def _pieces(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return x.split(rows) if x.shape[0] else ()
 
 
-def _pairwise(sends: list[torch.Tensor], recvs: list[torch.Tensor], group: GroupHandle) -> None:
-    """Send sends[p] to member p and receive recvs[p] from it, for every member p but this rank
-    (contiguous, equal shapes per pair), in pieces with IN_FLIGHT pairs outstanding. Offset k
-    pairs this rank with r+k (send) and r-k (receive), so every link carries both directions."""
+def _start_pairwise(sends: list[torch.Tensor], recvs: list[torch.Tensor],
+                    group: GroupHandle) -> list[dist.Work]:
+    """Post, piece by piece, the send of sends[p] to member p and the receive of recvs[p] from
+    it, for every member p but this rank (contiguous, equal shapes per pair); returns the works.
+    Offset k pairs this rank with r+k (send) and r-k (receive), so every link carries both
+    directions at once."""
     n, r = group.size, group.rank
-    jobs = []
+    works = []
     for k in range(1, n):
         to, frm = (r + k) % n, (r - k) % n
         for a, b in zip(_pieces(sends[to]), _pieces(recvs[frm]), strict=True):
-            jobs.append((a, group.global_rank(to), b, group.global_rank(frm)))
-    pending: list[list[dist.Work]] = []
-    for a, dst, b, src in jobs:
-        pending.append([dist.irecv(b, src, group=group.group),
-                        dist.isend(a, dst, group=group.group)])
-        if len(pending) >= IN_FLIGHT:
-            for w in pending.pop(0):
-                w.wait()
-    for pair in pending:
-        for w in pair:
-            w.wait()
+            works.append(dist.irecv(b, group.global_rank(frm), group=group.group))
+            works.append(dist.isend(a, group.global_rank(to), group=group.group))
+    return works
 
 
 def _all_to_all(out: torch.Tensor, inp: torch.Tensor, group: GroupHandle) -> None:
@@ -146,7 +139,8 @@ def _all_to_all(out: torch.Tensor, inp: torch.Tensor, group: GroupHandle) -> Non
     if _gloo(group) and inp.nbytes > n * PIECE_BYTES:  # blocks of several pieces
         ins, outs = inp.chunk(n), out.chunk(n)
         outs[r].copy_(ins[r])
-        _pairwise(list(ins), list(outs), group)
+        for w in _start_pairwise(list(ins), list(outs), group):
+            w.wait()
         return
     dist.all_to_all_single(out, inp, group=group.group)
 
@@ -163,22 +157,39 @@ def _reduce_scatter(x: torch.Tensor, group: GroupHandle) -> torch.Tensor:
     return out
 
 
+def _ring_all_gather(out: torch.Tensor, chunk: torch.Tensor, group: GroupHandle) -> None:
+    """Ring all-gather in pieces into out [n*c, ...]: at step s this rank sends block r-s to
+    r+1 and receives block r-s-1 from r-1, each piece forwarded as soon as it has arrived, so
+    the n-1 steps overlap. Each ring edge carries n-1 blocks; with consecutive ranks on a host
+    only two edges cross hosts, where sending every peer the block would cross with more."""
+    n, r, c = group.size, group.rank, chunk.shape[0]
+    blocks = out.split(c)
+    blocks[r].copy_(chunk)
+    right, left = group.global_rank((r + 1) % n), group.global_rank((r - 1) % n)
+    recvs = [[dist.irecv(p, left, group=group.group) for p in _pieces(blocks[(r - s - 1) % n])]
+             for s in range(n - 1)]
+    sends = []
+    for s in range(n - 1):
+        for j, piece in enumerate(_pieces(blocks[(r - s) % n])):
+            if s:
+                recvs[s - 1][j].wait()  # block r-s arrived at step s-1: forward it
+            sends.append(dist.isend(piece, right, group=group.group))
+    for w in [*recvs[-1], *sends]:
+        w.wait()
+
+
 def _all_gather(chunk: torch.Tensor, group: GroupHandle) -> torch.Tensor:
     """chunk [c, ...] of every member -> [n*c, ...] in group-rank order."""
     n, c = group.size, chunk.shape[0]
     out = chunk.new_empty((n * c, *chunk.shape[1:]))
-    if _gloo(group):  # gloo: this chunk to every peer beats its ring all-gather
-        chunk = chunk.contiguous()
-        out[group.rank * c:(group.rank + 1) * c] = chunk
-        if chunk.nbytes > PIECE_BYTES:
-            _pairwise([chunk] * n, list(out.split(c)), group)
-            return out
-        works = [dist.broadcast(out[i * c:(i + 1) * c], src=group.global_rank(i),
-                                group=group.group, async_op=True) for i in range(n)]
-        for w in works:
-            w.wait()
-        return out
-    dist.all_gather_single(out, chunk.contiguous(), group=group.group)
+    chunk = chunk.contiguous()
+    if not _gloo(group):
+        dist.all_gather_single(out, chunk, group=group.group)
+    elif chunk.nbytes > PIECE_BYTES:
+        _ring_all_gather(out, chunk, group)
+    else:  # one piece: one all_to_all_single of n copies, one gloo work (broadcasts take n)
+        dist.all_to_all_single(out, chunk.repeat(n, *([1] * (chunk.dim() - 1))),
+                               group=group.group)
     return out
 
 

@@ -86,6 +86,7 @@ def test_fit_and_auto_on_gloo(tiny: Path, tmp_path: Path) -> None:
     # the fit: every op of every rank identical, positive alpha and bandwidth, loadable
     fitted = res[0]["fitted"]
     assert res[1]["fitted"]["per_tp"] == fitted["per_tp"]
+    assert res[1]["fitted"]["overlap"] == fitted["overlap"] and 0.0 <= fitted["overlap"] <= 1.0
     prof = HardwareProfile.from_dict(fitted)
     assert set(prof.per_tp) == {2} and set(prof.per_tp[2]) == set(OPS)
     for op, c in prof.per_tp[2].items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -20,6 +21,8 @@ from flashcomm.plan.costmodel import (
     fetch_call,
     fit_op,
     layer_calls,
+    layer_flops,
+    oshard_window_fits,
     step_calls,
 )
 from flashcomm.plan.strategy import Strategy
@@ -124,6 +127,11 @@ def test_profiles_load_round_trip_and_reject_bad_input(tmp_path) -> None:
     with pytest.raises(ValueError, match="unknown op"):
         HardwareProfile.from_dict({"name": "x", "matmul_flops_per_s": 1,
                                    "ops": {"allreduce": {"alpha_s": 0, "bytes_per_s": 1}}})
+    shared = replace(fitted, overlap=0.25)
+    assert HardwareProfile.from_dict(shared.to_dict()) == shared
+    assert HardwareProfile.load("pcie-gen4").overlap == 1.0  # profiles without it: GPUs
+    with pytest.raises(ValueError, match="overlap=1.5; allowed: 0 to 1"):
+        HardwareProfile.from_dict({**fitted.to_dict(), "overlap": 1.5})
 
 
 def test_fetch_of_a_layer_sharded_w_o_by_source() -> None:
@@ -139,3 +147,19 @@ def test_fetch_of_a_layer_sharded_w_o_by_source() -> None:
     slow = HardwareProfile("slow", {op: OpCost(1.0, 1.0) for op in OPS}, 1e15)
     assert exposed_fetch_s(slow, owner, shape, 10) == pytest.approx(4 * (1.0 + 64 * 64 * 2),
                                                                     rel=1e-6)
+
+
+def test_fetch_hides_behind_compute_only_to_the_profiles_overlap() -> None:
+    shape = Shape(hidden=1024, q_dim=1024, tp=2, elt_bytes=4, layers=4, head_dim=64, kv_heads=4,
+                  intermediate=2048)
+    gather = Strategy("flashcomm2", 1, oshard_k=1, shard_source="gather")
+    ops = {op: OpCost(1e-4, 6e7) for op in OPS}  # 500 Mbit/s-like
+    fetch = 1e-4 + 1024 * 512 * 4 / 6e7  # one layer's W_o: the other rank's [H, D/N] slice
+    window = layer_flops(shape, 2048)[0] / 1.5e11  # one whole layer (k = 1)
+    assert window > fetch  # hidden entirely at full overlap
+    for overlap, exposed in ((1.0, 0.0), (0.0, fetch), (0.1, fetch - 0.1 * window)):
+        p = HardwareProfile("cpu", ops, 1.5e11, overlap=overlap)
+        fits, f, w = oshard_window_fits(p, gather, shape, 2048)
+        assert fits == (exposed == 0.0)
+        assert (f, w) == (pytest.approx(fetch), pytest.approx(window * overlap))
+        assert exposed_fetch_s(p, gather, shape, 2048) == pytest.approx(4 * exposed)

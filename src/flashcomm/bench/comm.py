@@ -189,6 +189,8 @@ def _candidates(rank: int, n: int, h: int, rounds: int, t: int = 2048) -> list[d
         ("all_gather", "all_gather_list"):
             lambda: torch.cat(_gather_list(mine, n)),
         ("all_gather", "async_broadcasts"): ag_broadcast,
+        ("all_gather", "all_to_all_of_copies"):
+            lambda: dist.all_to_all_single(torch.empty_like(x), mine.repeat(n, 1)),
         ("all_to_all", "all_to_all_single"):
             lambda: dist.all_to_all_single(torch.empty_like(a), a),
         ("all_to_all", "all_to_all_list"):
@@ -290,7 +292,8 @@ def fit_main(args: argparse.Namespace, out: Path) -> int:
         for op, c in ops.items():
             print(f"N={n} {op:<15} alpha {c.alpha_s * 1e6:9.1f} us   "
                   f"{c.bytes_per_s / 1e9:7.3f} GB/s")
-    print(f"matmul {profile.matmul_flops_per_s / 1e9:.1f} GFLOP/s\nwrote {path} "
+    print(f"matmul {profile.matmul_flops_per_s / 1e9:.1f} GFLOP/s, fetch overlap "
+          f"{profile.overlap:.2f}\nwrote {path} "
           f"(use: flashcomm plan --profile {path})")
     return 0
 

@@ -92,6 +92,8 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--sweep-tokens", default="1,4,16,64,256,1024",
                         help="prefill sizes at which stock and fc2 are timed to locate the "
                         "measured crossover (comma-separated; empty: no sweep)")
+    parser.add_argument("--sweep-rounds", type=int, default=7,
+                        help="interleaved rounds of the sweep (its prefills are short)")
     parser.add_argument("--model", default="", help="checkpoint (default: a random "
                         "H=1024, 4-layer Llama written under --out)")
     parser.add_argument("--timeout", type=float, default=1500.0, help="seconds per launch")
@@ -121,6 +123,7 @@ def run_rate(c: Cluster, rate: float, model: str, out: Path, args: Any) -> dict:
                 prefill_tokens=args.prefill_tokens, decode_batch=args.decode_batch,
                 decode_tokens=args.decode_tokens,
                 sweep={"tokens": [int(t) for t in args.sweep_tokens.split(",") if t],
+                       "rounds": args.sweep_rounds,
                        "strategies": [labels.index("allreduce"), labels.index("fc2")]})
     (out / "spec.json").write_text(json.dumps(spec))
     res = torchrun_on_hosts(c, 1, ["-m", "flashcomm.bench.hosts_rank", "--spec",

@@ -164,7 +164,7 @@ def _timing(spec: dict, engines: list[Engine], link: _Link, strategies: list[Str
             res = engines[i].generate(decode, dec_new)
             gen[i].append(_slowest(time.perf_counter() - t0))
             del res
-    sweep = _sweep(spec.get("sweep") or {}, engines, args, int(spec["rounds"]))
+    sweep = _sweep(spec.get("sweep") or {}, engines, args)
     # stock's collectives of one prefill replayed alone: its communication time
     base = engines[[s.label for s in strategies].index("allreduce")] if any(
         s.label == "allreduce" for s in strategies) else engines[0]
@@ -182,10 +182,12 @@ def _timing(spec: dict, engines: list[Engine], link: _Link, strategies: list[Str
             "stock_comm_s": comm, "sweep": sweep}
 
 
-def _sweep(sweep: dict, engines: list[Engine], args: ModelArgs, rounds: int) -> dict | None:
+def _sweep(sweep: dict, engines: list[Engine], args: ModelArgs) -> dict | None:
     """Prefill at each of sweep["tokens"] for the strategies sweep["strategies"] (indices),
-    interleaved in rotating order per round: where the measured crossover lies."""
+    interleaved in rotating order over sweep["rounds"] rounds: where the measured crossover
+    lies."""
     tokens, which = [int(t) for t in sweep.get("tokens", [])], list(sweep.get("strategies", []))
+    rounds = int(sweep.get("rounds", 7))
     if not tokens or not which:
         return None
     prompts = [[_ids(t, args.vocab_size, 100 + t)] for t in tokens]

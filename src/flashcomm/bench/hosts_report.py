@@ -126,7 +126,8 @@ def summarize(raw: list[dict], model: str, args: Any) -> dict:
                                 "layers": margs.n_layers, "intermediate": margs.intermediate_size,
                                 "dtype": "float32"},
                       "prefill_tokens": args.prefill_tokens, "decode_batch": args.decode_batch,
-                      "decode_tokens": args.decode_tokens, "rounds": args.rounds},
+                      "decode_tokens": args.decode_tokens, "rounds": args.rounds,
+                      "sweep_rounds": args.sweep_rounds},
             "rates": [summarize_rate(r, margs, args.prefill_tokens) for r in raw]}
 
 

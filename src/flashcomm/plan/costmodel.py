@@ -55,6 +55,10 @@ class HardwareProfile:
     """Fitted costs per TP size N, preferred over `ops` when present."""
     source: str = ""
     """Where the figures come from."""
+    overlap: float = 1.0
+    """Fraction of a compute window in which a background W_o fetch progresses as if alone: 1
+    where transfers run beside compute (a GPU's copy engines; the shipped profiles), measured by
+    the fit on CPU hosts (flashcomm.plan.fit.fetch_overlap), where the fetch shares the cores."""
 
     def cost(self, op: str, n: int) -> OpCost:
         """The cost of `op` at group size `n` (nearest fitted N, else the default)."""
@@ -78,15 +82,18 @@ class HardwareProfile:
         missing = [op for op in OPS if op not in ops and not all(op in m for m in per_tp.values())]
         if missing or (not ops and not per_tp):
             raise ValueError(f"profile {d.get('name')!r}: no cost for op(s) {missing or OPS}")
+        overlap = float(d.get("overlap", 1.0))
+        if not 0.0 <= overlap <= 1.0:
+            raise ValueError(f"profile {d.get('name')!r}: overlap={overlap}; allowed: 0 to 1")
         return cls(name=str(d.get("name", "profile")), ops=ops,
                    matmul_flops_per_s=float(d["matmul_flops_per_s"]), per_tp=per_tp,
-                   source=str(d.get("source", "")))
+                   source=str(d.get("source", "")), overlap=overlap)
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (inverse of from_dict)."""
         return {
             "name": self.name, "source": self.source,
-            "matmul_flops_per_s": self.matmul_flops_per_s,
+            "matmul_flops_per_s": self.matmul_flops_per_s, "overlap": self.overlap,
             "ops": {op: asdict(c) for op, c in self.ops.items()},
             "per_tp": {str(n): {op: asdict(c) for op, c in m.items()}
                        for n, m in self.per_tp.items()},
@@ -306,13 +313,15 @@ def oshard_window_fits(profile: HardwareProfile, s: Strategy, shape: Shape,
                        tokens: int) -> tuple[bool, float, float]:
     """(fits, fetch seconds, compute window seconds) of one layer's W_o fetch at a prefill of
     `tokens` tokens. The fetch of layer i+k starts at layer i's QKV; with k = 0 only QKV +
-    attention hide it, with k >= 1 roughly k whole layers do."""
+    attention hide it, with k >= 1 roughly k whole layers do, to the profile's overlap (the
+    window counted is the compute time times it)."""
     call = fetch_call(s, shape)
     if call is None:
         return True, 0.0, 0.0
     full, attn = layer_flops(shape, tokens)
     fetch = comm_time(profile, [call])
-    window = (attn if s.oshard_k == 0 else s.oshard_k * full) / profile.matmul_flops_per_s
+    window = ((attn if s.oshard_k == 0 else s.oshard_k * full) / profile.matmul_flops_per_s
+              * profile.overlap)
     return fetch <= window, fetch, window
 
 

@@ -114,6 +114,7 @@ def fit_profile(
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # a round lasts as long as its slowest rank
     measured = [statistics.median(r) for r in slowest.tolist()]  # identical on every rank
     flops = 2.0 * matmul_size**3 / measured[-1]
+    overlap = fetch_overlap(handles[max(handles)], a, measured[-1], rounds)
     per_tp: dict[int, dict[str, OpCost]] = {}
     for n in handles:
         for op in dict.fromkeys(op for m, op, _ in keys if m == n):
@@ -127,11 +128,63 @@ def fit_profile(
         ops=dict(per_tp[max(per_tp, key=lambda m: (m == tp, m))]),
         matmul_flops_per_s=flops,
         per_tp=per_tp,
+        overlap=overlap,
         source=(f"fitted by flashcomm.plan.fit on {backend}, torch {torch.__version__}, "
                 f"{torch.get_num_threads()} thread(s)/rank, group sizes {sorted(per_tp)}, "
                 f"rows {list(rows)} x width {width} {str(dtype).removeprefix('torch.')}, "
                 f"{rounds} rounds x {calls} calls, {time.perf_counter() - t_start:.1f} s"),
     )
+
+
+OVERLAP_BYTES = 4 << 20
+"""Bytes of the all-gather `fetch_overlap` hides behind matmuls: a W_o of H = D = 1024 in fp32."""
+
+
+def fetch_overlap(group: GroupHandle, a: torch.Tensor, matmul_s: float, rounds: int) -> float:
+    """How much of a background W_o fetch a concurrent matmul hides: F = the members' async
+    broadcasts of OVERLAP_BYTES alone (the gather source's fetch on gloo), W = about F of
+    matmuls `a @ a` (one takes matmul_s), B = both at once; (W + F - B) / min(W, F), in [0, 1].
+    1: the transfer runs beside compute (a GPU's copy engines); near 0: it waits for the core
+    (a one-core host). Collective over `group`'s world; every rank gets the same value."""
+    n, src = group.size, [group.global_rank(p) for p in range(group.size)]
+    buf = torch.zeros(OVERLAP_BYTES // 4)
+    rows = buf.numel() // n
+
+    def start() -> list[dist.Work]:
+        return [dist.broadcast(buf[p * rows:(p + 1) * rows], src=src[p], group=group.group,
+                               async_op=True) for p in range(n)]
+
+    def fetch() -> None:
+        for w in start():
+            w.wait()
+
+    def timed(fn: Callable[[], object]) -> float:
+        fn()
+        samples = []
+        for _ in range(rounds):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+        t = torch.tensor(samples, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return statistics.median(t.tolist())
+
+    f = timed(fetch)
+    reps = max(1, round(f / matmul_s))
+
+    def window() -> None:
+        for _ in range(reps):
+            a @ a
+
+    def both() -> None:
+        works = start()
+        window()
+        for w in works:
+            w.wait()
+
+    w, b = timed(window), timed(both)
+    return min(1.0, max(0.0, (w + f - b) / max(min(w, f), 1e-12)))
 
 
 def write_profile(profile: HardwareProfile, path: str | Path) -> Path:

@@ -73,9 +73,11 @@ def fit_profile(
 ) -> HardwareProfile:
     """Time each collective at each size in each distinct group size; fit per-N OpCosts.
 
-    A sample is `calls` back-to-back calls after a barrier (per call): a lone call after a
-    barrier would also time the ranks' scheduling skew leaving it, which a step's sequence of
-    collectives mostly does not pay."""
+    A sample is `calls` back-to-back calls after a barrier (per call), which fixes each op's
+    bandwidth. Back to back, calls overlap their latencies, and a step's calls never do: each
+    follows compute. So each op's alpha is at least its latency after a matmul at the smallest
+    size (after_compute_s): across a 500 Mbit/s link at T = 2 an all-to-all took 0.16 ms back
+    to back and 0.5-1.3 ms after compute, as much as the all-reduce."""
     if len(rows) < 2 or rounds < 1:
         raise ValueError(f"fit_profile: need >= 2 sizes (rows={rows}) and rounds >= 1")
     handles: dict[int, GroupHandle] = {}
@@ -121,6 +123,11 @@ def fit_profile(
             pts = [(b, t) for (m, o, b), t in zip(keys, measured, strict=False)
                    if m == n and o == op]
             per_tp.setdefault(n, {})[op] = fit_op(pts, relative=True)
+    for n, h in sorted(handles.items()):  # a step's collectives follow compute, not each other
+        for op, (_, fn) in _op_calls(h, rows[0], width, dtype, counter).items():
+            after = after_compute_s(fn, a, rounds, calls)
+            fitted = per_tp[n][op]
+            per_tp[n][op] = OpCost(max(fitted.alpha_s, after), fitted.bytes_per_s)
     tp = groups.tp.size
     backend = dist.get_backend(groups.tp.group)
     return HardwareProfile(
@@ -134,6 +141,27 @@ def fit_profile(
                 f"rows {list(rows)} x width {width} {str(dtype).removeprefix('torch.')}, "
                 f"{rounds} rounds x {calls} calls, {time.perf_counter() - t_start:.1f} s"),
     )
+
+
+def after_compute_s(fn: Callable[[], object], a: torch.Tensor, rounds: int, calls: int) -> float:
+    """Seconds one call of `fn` adds after a matmul `a @ a`: per round, `calls` x (matmul, call)
+    against `calls` matmuls alone, the slowest rank's of each; the median over rounds, >= 0.
+    Collective; every rank gets the same value."""
+    fn()
+    pairs = []
+    for _ in range(rounds):
+        for with_call in (True, False):
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                a @ a
+                if with_call:
+                    fn()
+            pairs.append(time.perf_counter() - t0)
+    t = torch.tensor(pairs, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    both, alone = t.view(rounds, 2).unbind(1)
+    return max(0.0, float(((both - alone) / calls).median()))
 
 
 OVERLAP_BYTES = 4 << 20

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -55,11 +56,28 @@ def _cases(n: int):
                     yield otp, t, fc1, dt
 
 
+def _as_across_hosts(groups: ParallelGroups) -> ParallelGroups:
+    """The same groups with every handle marked as spanning hosts: comm.py then takes its
+    cross-host primitives (blocks in pieces) over loopback too."""
+    def mark(h: GroupHandle | None) -> GroupHandle | None:
+        return None if h is None else replace(h, spans_hosts=True)
+
+    return replace(groups, tp=mark(groups.tp), odp=mark(groups.odp), otp=mark(groups.otp))
+
+
 def _comm_worker(rank: int, world: int) -> dict:
-    """Every case of one world size in one spawned group; returns outputs and counters."""
+    """Every case of one world size in one spawned group, with the one-host primitives and the
+    cross-host ones; returns {"one host" / "across hosts": outputs and counters}."""
+    return {"one host": _cases_worker(rank, world, False),
+            "across hosts": _cases_worker(rank, world, True)}
+
+
+def _cases_worker(rank: int, world: int, across: bool) -> dict:
     out = {}
     for otp in _otps(world):
         groups = ParallelGroups.build(ParallelLayout(tp=world, otp=otp), shard_weights=())
+        if across:
+            groups = _as_across_hosts(groups)
         n, dn = world, D // world
         for otp_, t, fc1, dt in _cases(world):
             if otp_ != otp:
@@ -77,6 +95,7 @@ def _comm_worker(rank: int, world: int) -> dict:
             out[(otp, t, fc1, dt)] = (y.numpy(), dict(counter.bytes_sent))
     # FlashComm1 helpers directly: reduce-scatter then all-gather == all-reduce
     tp = ParallelGroups.build(ParallelLayout(tp=world), shard_weights=()).tp
+    tp = replace(tp, spans_hosts=across)
     for t in _token_counts(world):
         part = torch.randn(t, H, generator=torch.Generator().manual_seed(100 * t + rank))
         c = CommCounter()
@@ -124,13 +143,19 @@ def _int8_bound(x: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["N2", "N4"])
-def world_results(request):
+def spawned(request):
     n = request.param
     start = time.monotonic()
     res = run_local(_comm_worker, n, timeout_s=150, group_timeout_s=60)
-    res = [{k: tuple(torch.from_numpy(v) if hasattr(v, "dtype") else v for v in val)
-            for k, val in r.items()} for r in res]
     print(f"N={n}: spawned group ran in {time.monotonic() - start:.1f}s")
+    return n, res
+
+
+@pytest.fixture(scope="module", params=["one host", "across hosts"])
+def world_results(request, spawned):
+    n, res = spawned
+    res = [{k: tuple(torch.from_numpy(v) if hasattr(v, "dtype") else v for v in val)
+            for k, val in r[request.param].items()} for r in res]
     return n, res
 
 

@@ -16,18 +16,24 @@ the formulas are exact integers (c = T_pad/N tokens, elt = bytes per element):
 The counters record these formulas whatever primitive runs underneath.
 
 Primitives per backend: one implementation per op and backend, the fastest measured
-(`flashcomm bench comm --candidates` re-measures them; the figures are in BENCHMARKS.md). On
-gloo, blocks larger than PIECE_BYTES travel in pieces, all posted at once, so both directions
-of every link stay busy: the all-to-all is a pairwise exchange (`_start_pairwise`), the
-all-gather a ring whose pieces are forwarded as they arrive (`_ring_all_gather`: with
-consecutive ranks on a host, only two ring edges cross hosts). One whole-block message per
-direction (all_to_all_single, broadcasts) left a shaped link half idle on some calls
-(BENCHMARKS.md, "The engine across two hosts"). Blocks of one piece or less (decode) keep one
-message per block in one gloo work: all_to_all_single, for the all-gather of n copies of the
-chunk (0.4 ms a call at T = 2 across a 500 Mbit/s link, where n async broadcasts took 0.8 ms
-and point-to-point calls about 2 ms). The reduce-scatter is the all-to-all plus a local
-sum (same (N-1)/N bytes); gloo's own ring collectives lose to these. NCCL keeps the native
-reduce_scatter_single / all_gather_single / all_to_all_single / all_reduce.
+(`flashcomm bench comm --candidates` re-measures them; the figures are in BENCHMARKS.md).
+- gloo in one host: N async broadcasts for the all-gather, all_to_all_single for the
+  all-to-all.
+- gloo across hosts (GroupHandle.spans_hosts): blocks larger than PIECE_BYTES travel in
+  pieces, all posted at once, so both directions of every link stay busy. The all-to-all is a
+  pairwise exchange (`_start_pairwise`), the all-gather a ring whose pieces are forwarded as
+  they arrive (`_ring_all_gather`: with consecutive ranks on a host, only two ring edges cross
+  hosts). One whole-block message per direction (all_to_all_single, broadcasts) left a shaped
+  link half idle on some calls (BENCHMARKS.md, "The engine across two hosts"). Blocks of one
+  piece or less (decode) keep one message per block in one gloo work: all_to_all_single, for
+  the all-gather of n copies of the chunk (0.4 ms a call at T = 2 across a 500 Mbit/s link,
+  where n async broadcasts took 0.8 ms and point-to-point calls about 2 ms). Over loopback the
+  pieces cost more than they save (a [4096, 1024] fp32 all-gather: 14.9 against 11.7 ms at
+  N=2), hence the split.
+- The reduce-scatter is the all-to-all plus a local sum (same (N-1)/N bytes); gloo's own ring
+  collectives lose to these.
+- NCCL keeps the native reduce_scatter_single / all_gather_single / all_to_all_single /
+  all_reduce.
 
 int8 (`comm_dtype="int8"`): each token row of the all-to-all payload x `[T, D/N]` is sent as
 int8 q = round(x / s) with s = absmax(row) / 127, plus s in fp32 (packed as 4 extra bytes of
@@ -100,6 +106,10 @@ def _gloo(group: GroupHandle) -> bool:
     return dist.get_backend(group.group) == "gloo"
 
 
+def _across_hosts(group: GroupHandle) -> bool:
+    return group.spans_hosts and _gloo(group)
+
+
 # ---- primitives: one fastest implementation per backend ---------------------------------
 
 
@@ -136,7 +146,7 @@ def _start_pairwise(sends: list[torch.Tensor], recvs: list[torch.Tensor],
 def _all_to_all(out: torch.Tensor, inp: torch.Tensor, group: GroupHandle) -> None:
     """Pairwise exchange of the group.size equal dim-0 blocks of inp into out (all backends)."""
     n, r = group.size, group.rank
-    if _gloo(group) and inp.nbytes > n * PIECE_BYTES:  # blocks of several pieces
+    if _across_hosts(group) and inp.nbytes > n * PIECE_BYTES:  # blocks of several pieces
         ins, outs = inp.chunk(n), out.chunk(n)
         outs[r].copy_(ins[r])
         for w in _start_pairwise(list(ins), list(outs), group):
@@ -185,11 +195,17 @@ def _all_gather(chunk: torch.Tensor, group: GroupHandle) -> torch.Tensor:
     chunk = chunk.contiguous()
     if not _gloo(group):
         dist.all_gather_single(out, chunk, group=group.group)
-    elif chunk.nbytes > PIECE_BYTES:
+    elif _across_hosts(group) and chunk.nbytes > PIECE_BYTES:
         _ring_all_gather(out, chunk, group)
-    else:  # one piece: one all_to_all_single of n copies, one gloo work (broadcasts take n)
+    elif _across_hosts(group):  # one piece: one all_to_all_single of n copies, one gloo work
         dist.all_to_all_single(out, chunk.repeat(n, *([1] * (chunk.dim() - 1))),
                                group=group.group)
+    else:  # one host: async broadcasts into the output slices beat gloo's ring all-gather
+        out[group.rank * c:(group.rank + 1) * c] = chunk
+        works = [dist.broadcast(out[i * c:(i + 1) * c], src=group.global_rank(i),
+                                group=group.group, async_op=True) for i in range(n)]
+        for w in works:
+            w.wait()
     return out
 
 

@@ -82,6 +82,9 @@ class GroupHandle:
     """Global ranks in group-rank order."""
     rank: int
     """This process's rank inside the group."""
+    spans_hosts: bool = False
+    """Whether its members run on more than one host, so its traffic crosses a network link
+    (comm.py then sends large blocks in pieces); known for groups ParallelGroups builds."""
 
     @property
     def size(self) -> int:
@@ -174,12 +177,17 @@ class ParallelGroups:
                 f"(tp={layout.tp}, pp={layout.pp}, dp={layout.dp})"
             )
 
+        gathered: list[HostInfo | None] = [None] * world
+        dist.all_gather_object(gathered, HostInfo.here(rank))  # before any failure can happen
+        hosts = tuple(h for h in gathered if h is not None)
+
         def family(groups: list[list[int]]) -> GroupHandle:
             mine = None
             for ranks in groups:  # every rank creates every group, in the same order
                 pg = dist.new_group(ranks, timeout=timeout) if len(ranks) > 1 else None
                 if rank in ranks:
-                    mine = GroupHandle(pg, tuple(ranks), ranks.index(rank))
+                    spans = len({(hosts[r].host, hosts[r].address) for r in ranks}) > 1
+                    mine = GroupHandle(pg, tuple(ranks), ranks.index(rank), spans)
             assert mine is not None, f"rank {rank} missing from {groups}"
             return mine
 
@@ -193,10 +201,7 @@ class ParallelGroups:
         if layout.otp and "o_proj" in shard:  # one series uses it: owner or gather, not both
             same = sorted(layout.odp_groups()) == layout.shard_groups("o_proj")
             fetch = shard["o_proj"] if same else family(layout.odp_groups())
-        hosts: list[HostInfo | None] = [None] * world
-        dist.all_gather_object(hosts, HostInfo.here(rank))  # before any failure can happen
-        return cls(layout, rank, tp, pp, dp, odp, otp, shard, fetch,
-                   tuple(h for h in hosts if h is not None), timeout)
+        return cls(layout, rank, tp, pp, dp, odp, otp, shard, fetch, hosts, timeout)
 
     @contextlib.contextmanager
     def naming_link_errors(self) -> Iterator[None]:

@@ -5,13 +5,17 @@ gloo's algorithm for each op, as flashcomm.comm issues them on gloo:
   host crosses the link, carrying one rank's bytes;
 - all_to_all, and reduce_scatter (comm.py runs it as an all-to-all): pairwise; a rank sends
   bytes/(N-1) to each peer, N-P of them on other hosts (P ranks per host);
-- all_gather (comm.py: one broadcast per member) and broadcast (the O-Shard owner fetch):
-  gloo's binomial tree, whose edges across hosts depend on the root (bcast_crossings).
+- all_gather across hosts (comm.py): a chunk of one piece (comm.PIECE_BYTES) or less goes to
+  every peer, pairwise like the all-to-all; a larger one goes round the ring, whose host-crossing
+  edges carry one rank's bytes each, like the all-reduce's;
+- the gather source's W_o fetch (one broadcast per member) and broadcast (the O-Shard owner
+  fetch): gloo's binomial tree, whose edges across hosts depend on the root (bcast_crossings).
 On 2 hosts x 1 rank every op's bytes cross the link as the cost model counts them.
 """
 
 from __future__ import annotations
 
+from flashcomm.comm import PIECE_BYTES
 from flashcomm.plan.costmodel import Shape, step_calls, step_fetches
 from flashcomm.plan.strategy import Strategy
 
@@ -29,9 +33,10 @@ def bcast_crossings(root: int, group: int, per_host: int) -> int:
     return crossings
 
 
-def _crossing(op: str, nbytes: int, group: int, per_host: int, root: int = 0) -> float:
+def _crossing(op: str, nbytes: int, group: int, per_host: int, root: int = 0,
+              fetch: bool = False) -> float:
     """Bytes of one call (`nbytes` sent per rank, cost-model count) crossing links, all hosts;
-    `root`: the broadcast's root (member index)."""
+    `root`: the broadcast's root (member index); `fetch`: a W_o fetch (broadcasts)."""
     hosts = group // per_host
     if hosts <= 1:
         return 0.0
@@ -39,9 +44,13 @@ def _crossing(op: str, nbytes: int, group: int, per_host: int, root: int = 0) ->
         return hosts * nbytes
     if op in ("all_to_all", "reduce_scatter"):  # pairwise: N-P of a rank's N-1 blocks cross
         return group * (group - per_host) * nbytes / (group - 1)
-    if op == "all_gather":  # one broadcast of nbytes/(N-1) rooted at each member
+    if op == "all_gather" and fetch:  # one broadcast of nbytes/(N-1) rooted at each member
         return sum(bcast_crossings(r, group, per_host) for r in range(group)) * nbytes / (
             group - 1)
+    if op == "all_gather" and nbytes / (group - 1) > PIECE_BYTES:  # the ring
+        return hosts * nbytes
+    if op == "all_gather":  # the chunk to every peer
+        return group * (group - per_host) * nbytes / (group - 1)
     if op == "broadcast":
         return bcast_crossings(root, group, per_host) * nbytes
     raise ValueError(f"op={op!r}: no crossing pattern")
@@ -56,5 +65,5 @@ def link_bytes(s: Strategy, shape: Shape, tokens: int, per_host: int,
     calls = step_calls(s.path(tokens, threshold), shape, tokens)
     total = sum(_crossing(c.op, c.nbytes, c.group, per_host) for c in calls)
     fetches = step_fetches(s, shape, tokens, threshold)
-    return total + sum(_crossing(c.op, c.nbytes, c.group, per_host, root=i % c.group)
+    return total + sum(_crossing(c.op, c.nbytes, c.group, per_host, root=i % c.group, fetch=True)
                        for i, c in enumerate(fetches))

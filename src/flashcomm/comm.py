@@ -21,7 +21,7 @@ Primitives per backend: one implementation per op and backend, the fastest measu
   all-to-all.
 - gloo across hosts (GroupHandle.spans_hosts): blocks larger than PIECE_BYTES travel in
   pieces, all posted at once, so both directions of every link stay busy. The all-to-all is a
-  pairwise exchange (`_start_pairwise`), the all-gather a ring whose pieces are forwarded as
+  pairwise exchange (`_pairwise`), the all-gather a ring whose pieces are forwarded as
   they arrive (`_ring_all_gather`: with consecutive ranks on a host, only two ring edges cross
   hosts). One whole-block message per direction (all_to_all_single, broadcasts) left a shaped
   link half idle on some calls (BENCHMARKS.md, "The engine across two hosts"). Blocks of one
@@ -127,12 +127,10 @@ def _pieces(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return x.split(rows) if x.shape[0] else ()
 
 
-def _start_pairwise(sends: list[torch.Tensor], recvs: list[torch.Tensor],
-                    group: GroupHandle) -> list[dist.Work]:
-    """Post, piece by piece, the send of sends[p] to member p and the receive of recvs[p] from
-    it, for every member p but this rank (contiguous, equal shapes per pair); returns the works.
-    Offset k pairs this rank with r+k (send) and r-k (receive), so every link carries both
-    directions at once."""
+def _pairwise(sends: list[torch.Tensor], recvs: list[torch.Tensor], group: GroupHandle) -> None:
+    """Send sends[p] to member p and receive recvs[p] from it, for every member p but this rank
+    (contiguous, equal shapes per pair), every piece posted at once. Offset k pairs this rank
+    with r+k (send) and r-k (receive), so every link carries both directions at once."""
     n, r = group.size, group.rank
     works = []
     for k in range(1, n):
@@ -140,7 +138,8 @@ def _start_pairwise(sends: list[torch.Tensor], recvs: list[torch.Tensor],
         for a, b in zip(_pieces(sends[to]), _pieces(recvs[frm]), strict=True):
             works.append(dist.irecv(b, group.global_rank(frm), group=group.group))
             works.append(dist.isend(a, group.global_rank(to), group=group.group))
-    return works
+    for w in works:
+        w.wait()
 
 
 def _all_to_all(out: torch.Tensor, inp: torch.Tensor, group: GroupHandle) -> None:
@@ -149,8 +148,7 @@ def _all_to_all(out: torch.Tensor, inp: torch.Tensor, group: GroupHandle) -> Non
     if _across_hosts(group) and inp.nbytes > n * PIECE_BYTES:  # blocks of several pieces
         ins, outs = inp.chunk(n), out.chunk(n)
         outs[r].copy_(ins[r])
-        for w in _start_pairwise(list(ins), list(outs), group):
-            w.wait()
+        _pairwise(list(ins), list(outs), group)
         return
     dist.all_to_all_single(out, inp, group=group.group)
 

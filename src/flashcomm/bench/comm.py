@@ -40,7 +40,13 @@ from flashcomm.knobs import ConfigError
 from flashcomm.launch import run_local
 from flashcomm.layout import ParallelLayout
 from flashcomm.plan.costmodel import Shape, attn_out_calls, counted_bytes
-from flashcomm.plan.fit import fit_local, fit_torchrun, under_torchrun, write_profile
+from flashcomm.plan.fit import (
+    fit_local,
+    fit_torchrun,
+    slowest_times,
+    under_torchrun,
+    write_profile,
+)
 from flashcomm.plan.strategy import Strategy
 
 BASE = Strategy()
@@ -77,20 +83,6 @@ def strategies(n: int) -> list[Strategy]:
     return out
 
 
-def _timed(fn, rounds: int) -> list[float]:
-    """Per-round seconds of fn, the slowest rank's, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(rounds):
-        dist.barrier()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    t = torch.tensor(times, dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
-
-
 def _stats(times: list[float]) -> dict[str, float]:
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
 
@@ -123,9 +115,10 @@ def _strategy_worker(rank: int, world: int, tokens: list[int], h: int, dims: lis
                 w = torch.randn(h, cols, generator=gen) / d**0.5  # [H, D/N] or [H, D/otp]
                 counter = CommCounter()
                 _path(g, s, x, w, b, counter)
-                times = _timed(lambda g=g, s=s, x=x, w=w, b=b: _path(g, s, x, w, b, None), rounds)
+                times = slowest_times(
+                    lambda g=g, s=s, x=x, w=w, b=b: _path(g, s, x, w, b, None), rounds)
                 # the same collectives alone (no matmul): the communication-only time
-                comm_st = _stats(_timed(attn_out_replay(g, s, h, d, t), rounds))
+                comm_st = _stats(slowest_times(attn_out_replay(g, s, h, d, t), rounds))
                 records.append({"strategy": s.label, "N": world, "T": t, "H": h, "D": d,
                                 "otp": s.otp, "flashcomm1": s.flashcomm1,
                                 "comm_dtype": str(s.comm_dtype),
@@ -145,7 +138,7 @@ def _strategy_worker(rank: int, world: int, tokens: list[int], h: int, dims: lis
                "all_to_all": lambda y=y, t=t: all_to_all(y[: t - t % world], tp)}
         for op, fn in ops.items():
             prims.append({"op": op, "N": world, "T": t, "H": h, "bytes": c.bytes_sent[op],
-                          **_stats(_timed(fn, rounds))})
+                          **_stats(slowest_times(fn, rounds))})
     cands = _candidates(rank, world, h, rounds) if candidates else []
     return {"strategies": records, "primitives": prims, "candidates": cands}
 
@@ -203,7 +196,7 @@ def _candidates(rank: int, n: int, h: int, rounds: int, t: int = 2048) -> list[d
         fn()
     for _ in range(rounds):
         for k, fn in cands.items():
-            times[k].extend(_timed(fn, 1))
+            times[k].extend(slowest_times(fn, 1))
     return [{"op": op, "impl": impl, "N": n, "T": t, "H": h, **_stats(times[(op, impl)])}
             for op, impl in cands]
 

@@ -143,6 +143,21 @@ def fit_profile(
     )
 
 
+def slowest_times(fn: Callable[[], object], rounds: int) -> list[float]:
+    """Per-round seconds of fn after a barrier, the slowest rank's, after one warm-up call
+    (collective; every rank gets the same list)."""
+    fn()
+    samples = []
+    for _ in range(rounds):
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    t = torch.tensor(samples, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def after_compute_s(fn: Callable[[], object], a: torch.Tensor, rounds: int, calls: int) -> float:
     """Seconds one call of `fn` adds after a matmul `a @ a`: per round, `calls` x (matmul, call)
     against `calls` matmuls alone, the slowest rank's of each; the median over rounds, >= 0.
@@ -187,16 +202,7 @@ def fetch_overlap(group: GroupHandle, a: torch.Tensor, matmul_s: float, rounds: 
             w.wait()
 
     def timed(fn: Callable[[], object]) -> float:
-        fn()
-        samples = []
-        for _ in range(rounds):
-            dist.barrier()
-            t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
-        t = torch.tensor(samples, dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return statistics.median(t.tolist())
+        return statistics.median(slowest_times(fn, rounds))
 
     f = timed(fetch)
     reps = max(1, round(f / matmul_s))

@@ -23,6 +23,7 @@ pytest.importorskip("vllm.config", reason="vllm not installed; run make test-vll
 
 from flashcomm.bench import vllm_hosts  # noqa: E402
 from flashcomm.bench.cluster import Cluster, unavailable  # noqa: E402
+from flashcomm.bench.vllm_hosts_report import summarize  # noqa: E402
 
 HERE = Path(__file__).parent
 FC2 = vllm_hosts.FC2
@@ -57,7 +58,7 @@ def runs(tmp_path_factory) -> dict:
                     "work": work, "rounds": 1, "unshaped_rounds": 0, "base_port": port,
                     "out": str(tmp / f"tp{tp}")}
             raw = vllm_hosts.run_instances(cluster, spec, timeout=900)
-            out[tp] = {"raw": raw, "summary": vllm_hosts.summarize(raw)["strategies"],
+            out[tp] = {"raw": raw, "summary": summarize(raw)["strategies"],
                        "log": (tmp / f"tp{tp}" / "host0.log").read_text()}
     return out
 

@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import json
 import os
-import statistics
 import subprocess
 import sys
 import threading
@@ -36,6 +35,8 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any
+
+from flashcomm.bench.vllm_hosts_report import plot, print_rate, summarize
 
 FC2 = {"FLASHCOMM2_PARALLEL_SIZE": "1"}
 STRATEGIES: dict[str, dict[str, str]] = {
@@ -268,40 +269,6 @@ def run_instances(cluster: Any, spec: dict[str, Any], timeout: float) -> dict[st
     return json.loads(result.read_text())
 
 
-def summarize(res: dict[str, Any], share: float | None = None) -> dict[str, Any]:
-    """Ratios to stock (median of per-round ratios), link bytes ratio, share (measured here, or
-    given from another group of the same link), limit, tokens."""
-    stock = res["stock"]
-    if stock.get("prefill_unshaped_s"):
-        share = 1 - statistics.median(stock["prefill_unshaped_s"]) / statistics.median(
-            stock["prefill_s"])
-    rows = {}
-    for n, r in res.items():
-        if "error" in r or not r.get("prefill_s"):
-            rows[n] = {"error": r.get("error", "no rounds")}
-            continue
-        row: dict[str, Any] = {}
-        for k in ("prefill", "generate"):
-            per = [t / b for t, b in zip(r[f"{k}_s"], stock[f"{k}_s"], strict=True)]
-            row[f"{k}_ratio"] = statistics.median(per)
-            row[f"{k}_ratio_range"] = [min(per), max(per)]
-            row[f"{k}_median_s"] = statistics.median(r[f"{k}_s"])
-            row[f"{k}_link_bytes"] = statistics.median(r[f"{k}_bytes"])
-            row[f"{k}_bytes_ratio"] = row[f"{k}_link_bytes"] / statistics.median(
-                stock[f"{k}_bytes"])
-            same = [a == b for a, b in zip(r[f"{k}_tokens"], stock[f"{k}_tokens"], strict=True)]
-            row[f"{k}_same_tokens"] = all(same)
-            flat = [(x == y) for a, b in zip(r[f"{k}_tokens"], stock[f"{k}_tokens"], strict=True)
-                    for x, y in zip(a, b, strict=True)]
-            row[f"{k}_token_agreement"] = sum(flat) / len(flat)
-        if share is not None:
-            row["limit"] = 1 - share * (1 - row["prefill_bytes_ratio"])
-            row["prefill_vs_limit"] = row["prefill_ratio"] - row["limit"]
-        row["facts"] = r.get("facts")
-        rows[n] = row
-    return {"stock_comm_share": share, "strategies": rows}
-
-
 def workloads(prompt_tokens: int, gen_prompts: int, gen_tokens: int) -> dict[str, Any]:
     """Prefill: one prompt of prompt_tokens tokens (BOS included); generate: short prompts."""
     from flashcomm.bench.vllm_prefill import WORDS
@@ -379,53 +346,9 @@ def main(args: argparse.Namespace) -> int:
                                         "raw": raws, "loadavg": os.getloadavg(),
                                         "wall_s": time.perf_counter() - t0}
         (out / "vllm_hosts.json").write_text(json.dumps(report, indent=1))
-        _print_rate(rate, report["rates"][f"{rate:g}"])
-    _plot(report, out / "vllm_hosts.png")
+        print_rate(rate, report["rates"][f"{rate:g}"])
+    plot(report, out / "vllm_hosts.png")
     return 0
-
-
-def _print_rate(rate: float, r: dict[str, Any]) -> None:
-    share = r["stock_comm_share"]
-    print(f"--- {rate:g} Mbit/s: stock comm share of prefill "
-          f"{'n/a' if share is None else f'{share:.3f}'}  load {r['loadavg']}")
-    for n, row in r["strategies"].items():
-        if "error" in row:
-            print(f"{n:12s} ERROR {row['error']}")
-            continue
-        print(f"{n:12s} prefill {row['prefill_median_s'] * 1e3:8.1f} ms x{row['prefill_ratio']:.3f}"
-              f" bytes x{row['prefill_bytes_ratio']:.3f} limit {row.get('limit', float('nan')):.3f}"
-              f"  generate {row['generate_median_s'] * 1e3:8.1f} ms x{row['generate_ratio']:.3f}"
-              f"  same tokens {row['prefill_same_tokens'] and row['generate_same_tokens']}"
-              f" agreement {row['generate_token_agreement']:.3f}")
-
-
-def _plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rates = sorted(report["rates"], key=float)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    names = [n for n in report["rates"][rates[0]]["strategies"] if n != "stock"]
-    for ax, key in zip(axes, ("prefill", "generate"), strict=True):
-        for n in names:
-            ys = [report["rates"][r]["strategies"][n].get(f"{key}_ratio") for r in rates]
-            ax.plot([float(r) for r in rates], ys, marker="o", label=n)
-        if key == "prefill":
-            lim = [report["rates"][r]["strategies"].get("fc2_int8", {}).get("limit")
-                   for r in rates]
-            if all(v is not None for v in lim):
-                ax.plot([float(r) for r in rates], lim, "k--", lw=0.8, label="limit (fc2_int8)")
-        ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set_xscale("log")
-        ax.set_xlabel("link rate (Mbit/s)")
-        ax.set_ylabel(f"{key} time / stock vLLM")
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"vLLM TP={report['args']['tp']} over 2 hosts", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from flashcomm.plan.planner import model_shape
 from flashcomm.plan.strategy import Strategy
 
 CKPTS = ("llama", "qwen2", "qwen3")
-NEW_TOKENS = 32
+NEW_TOKENS = 16
 
 
 def strategies(n: int) -> dict[str, FlashCommConfig]:

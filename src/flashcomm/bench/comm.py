@@ -62,7 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="results/comm", help="output directory")
     parser.add_argument("--tokens", type=_ints, default=[128, 512, 2048, 8192], help="T values")
     parser.add_argument("--world", type=_ints, default=[2, 4], help="TP sizes N")
-    parser.add_argument("--hidden", type=int, default=2048, help="H (o_proj output)")
+    parser.add_argument("--hidden", type=int, default=2048,
+                        help="H (o_proj output); with --fit, the width of the in-context "
+                        "layers that place the crossover")
     parser.add_argument("--attn-dim", type=_ints, default=[2048, 4096],
                         help="D values (o_proj input = heads * head_dim)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per case")
@@ -269,12 +271,13 @@ def fit_main(args: argparse.Namespace, out: Path) -> int:
     instead, N = its world, so the profile is that of the link between the hosts."""
     if under_torchrun():
         world = int(os.environ["WORLD_SIZE"])
-        fitted = fit_torchrun(otp=world // 2 if world > 2 else 0)
+        fitted = fit_torchrun(otp=world // 2 if world > 2 else 0, layer_width=args.hidden)
         if fitted is None:  # not global rank 0: rank 0 writes and prints
             return 0
         fits = {world: fitted}
     else:
-        fits = {n: fit_local(n, otp=n // 2 if n > 2 else 0, timeout_s=args.timeout)
+        fits = {n: fit_local(n, otp=n // 2 if n > 2 else 0, timeout_s=args.timeout,
+                            layer_width=args.hidden)
                 for n in args.world}
     per_tp = {m: ops for p in fits.values() for m, ops in p.per_tp.items()}
     widest = fits[max(fits)]

@@ -21,6 +21,7 @@ from typing import Any
 
 from flashcomm.bench.cluster import Cluster
 from flashcomm.launch import CPU_MALLOC_ENV
+from flashcomm.model_args import ModelArgs
 
 MASTER_PORT = 29500
 POSITION_ROOM = 8
@@ -92,7 +93,7 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--sweep-tokens", default="1,4,16,64,256,1024",
                         help="prefill sizes at which stock and fc2 are timed to locate the "
                         "measured crossover (comma-separated; empty: no sweep)")
-    parser.add_argument("--sweep-rounds", type=int, default=7,
+    parser.add_argument("--sweep-rounds", type=int, default=9,
                         help="interleaved rounds of the sweep (its prefills are short)")
     parser.add_argument("--model", default="", help="checkpoint (default: a random "
                         "H=1024, 4-layer Llama written under --out)")
@@ -110,8 +111,9 @@ def run_rate(c: Cluster, rate: float, model: str, out: Path, args: Any) -> dict:
     """One link rate: `bench comm --fit` across the hosts, then every strategy timed."""
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    fit = torchrun_on_hosts(c, 1, ["-m", "flashcomm.cli", "bench", "comm", "--fit", "--out",
-                                   str(out)], timeout_s=args.timeout)
+    hidden = ModelArgs.from_dir(model).dim  # the in-context layers at the model's width
+    fit = torchrun_on_hosts(c, 1, ["-m", "flashcomm.cli", "bench", "comm", "--fit", "--hidden",
+                                   str(hidden), "--out", str(out)], timeout_s=args.timeout)
     for i, r in enumerate(fit):
         if r.returncode:
             raise RuntimeError(f"bench comm --fit on host {i} failed:\n{r.stderr[-3000:]}")

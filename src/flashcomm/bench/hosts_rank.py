@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -182,28 +183,42 @@ def _timing(spec: dict, engines: list[Engine], link: _Link, strategies: list[Str
             "stock_comm_s": comm, "sweep": sweep}
 
 
+SWEEP_SAMPLE_S = 0.25
+"""Least seconds one sweep sample lasts: short prefills repeat until then, so one scheduler
+hiccup moves a sample by a few percent, not by half (7 single prefills of 16-256 tokens put
+the measured crossover anywhere from 20 to 240 tokens between runs)."""
+
+
 def _sweep(sweep: dict, engines: list[Engine], args: ModelArgs) -> dict | None:
     """Prefill at each of sweep["tokens"] for the strategies sweep["strategies"] (indices),
-    interleaved in rotating order over sweep["rounds"] rounds: where the measured crossover
-    lies."""
+    interleaved in rotating order over sweep["rounds"] rounds, each sample `reps` prefills of
+    at least SWEEP_SAMPLE_S in all: where the measured crossover lies."""
     tokens, which = [int(t) for t in sweep.get("tokens", [])], list(sweep.get("strategies", []))
     rounds = int(sweep.get("rounds", 7))
     if not tokens or not which:
         return None
     prompts = [[_ids(t, args.vocab_size, 100 + t)] for t in tokens]
-    for i in which:
-        for p in prompts:
+    reps = []
+    for p in prompts:
+        once = []
+        for i in which:
+            engines[i].generate(p, 1)  # warm-up
+            t0 = time.perf_counter()
             engines[i].generate(p, 1)
-    secs = {i: [[] for _ in tokens] for i in which}  # [strategy][T][round]
+            once.append(_slowest(time.perf_counter() - t0))
+        reps.append(max(1, min(32, math.ceil(SWEEP_SAMPLE_S / max(min(once), 1e-6)))))
+    secs = {i: [[] for _ in tokens] for i in which}  # [strategy][T][round], per prefill
     for r in range(rounds):
         _say(dist.get_rank(), f"sweep round {r}")
         for k, p in enumerate(prompts):
             for j in range(len(which)):
                 i = which[(j + r) % len(which)]
                 t0 = time.perf_counter()
-                engines[i].generate(p, 1)
-                secs[i][k].append(_slowest(time.perf_counter() - t0))
-    return {"tokens": tokens, "strategies": which, "prefill_s": [secs[i] for i in which]}
+                for _ in range(reps[k]):
+                    engines[i].generate(p, 1)
+                secs[i][k].append(_slowest(time.perf_counter() - t0) / reps[k])
+    return {"tokens": tokens, "strategies": which, "reps": reps,
+            "prefill_s": [secs[i] for i in which]}
 
 
 def main() -> None:

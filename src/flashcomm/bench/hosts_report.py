@@ -70,7 +70,9 @@ def _sweep_rows(timing: dict) -> dict | None:
         return None
     stock, fc2 = sweep["prefill_s"]
     ratios = [_median_ratio(f, s) for f, s in zip(fc2, stock, strict=True)]
-    return {"tokens": sweep["tokens"], "fc2_prefill_ratio": ratios,
+    extra = [statistics.median(a - b for a, b in zip(f, s, strict=True))
+             for f, s in zip(fc2, stock, strict=True)]  # paired by round
+    return {"tokens": sweep["tokens"], "fc2_prefill_ratio": ratios, "fc2_extra_s": extra,
             "stock_prefill_s": [statistics.median(s) for s in stock],
             "crossover": measured_crossover(sweep["tokens"], ratios)}
 

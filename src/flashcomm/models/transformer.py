@@ -157,11 +157,20 @@ class Transformer(nn.Module):
                        [torch.zeros(v_shape, dtype=w.dtype, device=w.device) for _ in range(n)])
 
     def init_buffers(self, device: torch.device) -> None:
-        """Move the non-weight index tensors (RoPE frequencies, kv head map) to `device`."""
+        """Move the non-weight index tensors (RoPE frequencies, kv head map) to `device`; lay
+        a resident W_o wider than this rank's heads out column-major."""
         self.inv_freq = self.inv_freq.to(device)
         for layer in self.layers:
             if isinstance(layer.attention, Attention):  # MLA has no kv head map
-                layer.attention.kv_index = layer.attention.kv_index.to(device)
+                attn = layer.attention
+                attn.kv_index = attn.kv_index.to(device)
+                own = attn.own_cols[1] - attn.own_cols[0]
+                if attn.wo is not None and attn.wo.shape[1] > own:
+                    # a row-parallel step (auto, a threshold) reads this rank's own D/N columns:
+                    # strided rows in row-major took 2x as long as contiguous ones at T = 1-4
+                    # (H = D = 1024, one core), column-major makes them one block; FlashComm2's
+                    # full GEMM runs as fast either way
+                    attn.wo.data = attn.wo.data.t().contiguous().t()
 
     def o_proj_bytes(self) -> int:
         """Resident o_proj weight bytes on this rank (the series' ring included)."""

@@ -15,10 +15,11 @@ Collective over the group's world: every rank must call fit_profile alike.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -26,7 +27,15 @@ import torch.distributed as dist
 
 from flashcomm import comm
 from flashcomm.groups import GroupHandle, ParallelGroups
-from flashcomm.plan.costmodel import HardwareProfile, OpCost, fit_op
+from flashcomm.plan.costmodel import (
+    HardwareProfile,
+    OpCost,
+    Shape,
+    comm_time,
+    fit_op,
+    layer_calls,
+)
+from flashcomm.plan.strategy import Strategy
 
 DEFAULT_ROWS = (1, 16, 256, 1024, 4096)
 """Token rows per sample: from decode-sized (alpha-bound) to prefill-sized (bandwidth-bound)."""
@@ -70,14 +79,18 @@ def fit_profile(
     dtype: torch.dtype = torch.float32,
     matmul_size: int = 512,
     name: str | None = None,
+    layer_width: int | None = None,
 ) -> HardwareProfile:
     """Time each collective at each size in each distinct group size; fit per-N OpCosts.
 
     A sample is `calls` back-to-back calls after a barrier (per call), which fixes each op's
-    bandwidth. Back to back, calls overlap their latencies, and a step's calls never do: each
-    follows compute. So each op's alpha is at least its latency after a matmul at the smallest
-    size (after_compute_s): across a 500 Mbit/s link the all-to-all's alpha went from 0.16 ms
-    back to back to 0.45 ms, the all-reduce's from 0.70 to 1.81 ms."""
+    bandwidth; the ops of one size take turns round by round, as their ratios set the
+    crossover. Back to back, calls overlap their latencies, and a step's calls never do: each
+    follows compute. So each op's alpha is at least its latency right after a decode GEMV
+    (in_context_alphas). Last, the crossover: miniature layers of H = D = `layer_width` (default
+    `width`; the model's hidden size is best) time FlashComm2 against the row-parallel layer at
+    CROSSOVER_ROWS, and where FlashComm2 starts to win there, the all-gather's alpha is moved
+    so that the alpha-beta model's crossover falls at that T (align_crossover)."""
     if len(rows) < 2 or rounds < 1:
         raise ValueError(f"fit_profile: need >= 2 sizes (rows={rows}) and rounds >= 1")
     handles: dict[int, GroupHandle] = {}
@@ -92,16 +105,18 @@ def fit_profile(
     times: list[list[float]] = []  # [sample][round]
     for n, h in sorted(handles.items()):
         for r in rows:
-            for op, (nbytes, fn) in _op_calls(h, r, width, dtype, counter).items():
-                samples = []
-                for _ in range(rounds):
+            ops = list(_op_calls(h, r, width, dtype, counter).items())
+            samples: list[list[float]] = [[] for _ in ops]
+            for k in range(rounds):  # ops interleaved, rotating: drift hits each op alike
+                for j in range(len(ops)):
+                    i = (j + k) % len(ops)
                     dist.barrier()
                     t0 = time.perf_counter()
                     for _ in range(calls):  # back to back, as a step issues them
-                        fn()
-                    samples.append((time.perf_counter() - t0) / calls)
-                keys.append((n, op, nbytes))
-                times.append(samples)
+                        ops[i][1][1]()
+                    samples[i].append((time.perf_counter() - t0) / calls)
+            keys += [(n, op, nbytes) for op, (nbytes, _) in ops]
+            times += samples
     # the matmul rate, with every rank computing at once as in a real step
     a = torch.randn(matmul_size, matmul_size).to(dtype)
     a @ a
@@ -124,11 +139,19 @@ def fit_profile(
                    if m == n and o == op]
             per_tp.setdefault(n, {})[op] = fit_op(pts, relative=True)
     for n, h in sorted(handles.items()):  # a step's collectives follow compute, not each other
-        for op, (_, fn) in _op_calls(h, rows[0], width, dtype, counter).items():
-            after = after_compute_s(fn, a, rounds, calls)
+        ops = _op_calls(h, rows[0], width, dtype, counter)
+        for op, after in in_context_alphas(ops, width, dtype, rounds).items():
             fitted = per_tp[n][op]
             per_tp[n][op] = OpCost(max(fitted.alpha_s, after), fitted.bytes_per_s)
     tp = groups.tp.size
+    layer_width = layer_width or width
+    extra = layer_extra_s(groups.tp, layer_width, dtype, rounds)
+    win = first_win(list(CROSSOVER_ROWS), extra)
+    if win is not None:
+        per_tp[tp] = align_crossover(per_tp[tp], tp, layer_width, dtype, win)
+    else:  # no win up to the last row: the model must not put one before it
+        per_tp[tp] = align_crossover(per_tp[tp], tp, layer_width, dtype, CROSSOVER_ROWS[-1],
+                                     later_only=True)
     backend = dist.get_backend(groups.tp.group)
     return HardwareProfile(
         name=name or f"{backend}-fit-N{tp}",
@@ -139,7 +162,9 @@ def fit_profile(
         source=(f"fitted by flashcomm.plan.fit on {backend}, torch {torch.__version__}, "
                 f"{torch.get_num_threads()} thread(s)/rank, group sizes {sorted(per_tp)}, "
                 f"rows {list(rows)} x width {width} {str(dtype).removeprefix('torch.')}, "
-                f"{rounds} rounds x {calls} calls, {time.perf_counter() - t_start:.1f} s"),
+                f"{rounds} rounds x {calls} calls, in-context layers at H = D = {layer_width}: "
+                f"FlashComm2 wins from T = {'never' if win is None else f'{win:.0f}'} (rows "
+                f"{list(CROSSOVER_ROWS)}), {time.perf_counter() - t_start:.1f} s"),
     )
 
 
@@ -158,25 +183,123 @@ def slowest_times(fn: Callable[[], object], rounds: int) -> list[float]:
     return t.tolist()
 
 
-def after_compute_s(fn: Callable[[], object], a: torch.Tensor, rounds: int, calls: int) -> float:
-    """Seconds one call of `fn` adds after a matmul `a @ a`: per round, `calls` x (matmul, call)
-    against `calls` matmuls alone, the slowest rank's of each; the median over rounds, >= 0.
-    Collective; every rank gets the same value."""
-    fn()
+DECODE_WEIGHT_BYTES = 16 << 20
+"""Weight a decode step's GEMV streams before a collective in `in_context_alphas`: larger than
+the caches, as a layer's QKV or MLP weights are."""
+
+
+def signed_added_s(seq: Sequence[Callable[[], object]], base: Sequence[Callable[[], object]],
+                   rounds: int, calls: int) -> float:
+    """Seconds `seq` takes beyond `base` per pass (negative when faster): per round, `calls`
+    passes of each after a barrier, the slowest rank's; the median over rounds of the
+    difference. Collective; every rank gets the same value."""
+    for f in (*seq, *base):
+        f()
     pairs = []
     for _ in range(rounds):
-        for with_call in (True, False):
+        for fns in (seq, base):
             dist.barrier()
             t0 = time.perf_counter()
             for _ in range(calls):
-                a @ a
-                if with_call:
-                    fn()
+                for f in fns:
+                    f()
             pairs.append(time.perf_counter() - t0)
     t = torch.tensor(pairs, dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     both, alone = t.view(rounds, 2).unbind(1)
-    return max(0.0, float(((both - alone) / calls).median()))
+    return float(((both - alone) / calls).median())
+
+
+def added_s(seq: Sequence[Callable[[], object]], base: Sequence[Callable[[], object]],
+            rounds: int, calls: int) -> float:
+    """signed_added_s, >= 0: what `seq` adds to `base`."""
+    return max(0.0, signed_added_s(seq, base, rounds, calls))
+
+
+def _decode_gemv(width: int, dtype: torch.dtype) -> Callable[[], object]:
+    """One decode token's GEMV through DECODE_WEIGHT_BYTES of weight [K, width]."""
+    k = max(width, DECODE_WEIGHT_BYTES // (width * torch.finfo(dtype).bits // 8))
+    weight, x = torch.randn(k, width).to(dtype), torch.randn(1, width).to(dtype)
+    return lambda: x @ weight.t()  # [1, K]: streams the weight
+
+
+def in_context_alphas(ops: dict[str, tuple[float, Callable[[], object]]], width: int,
+                      dtype: torch.dtype, rounds: int, calls: int = 8) -> dict[str, float]:
+    """op -> seconds one call of `ops` adds right after a decode GEMV (QKV, the MLP), as a
+    step issues it. Collective; every rank gets the same values."""
+    decode = _decode_gemv(width, dtype)
+    return {op: added_s([decode, fn], [decode], rounds, calls) for op, (_, fn) in ops.items()}
+
+
+CROSSOVER_ROWS = (1, 4, 16, 32, 64, 128, 256)
+"""Token rows at which `layer_extra_s` compares FlashComm2's miniature layer with the
+row-parallel one: where the crossover lies on slow links."""
+
+
+def layer_extra_s(group: GroupHandle, width: int, dtype: torch.dtype, rounds: int,
+                  rows: tuple[int, ...] = CROSSOVER_ROWS, calls: int = 4) -> list[float]:
+    """Per T in `rows`: seconds FlashComm2's layer communication takes beyond the row-parallel
+    layer's, each issued as a decoder layer does, between the same matmuls of T rows through
+    DECODE_WEIGHT_BYTES (QKV, the MLP: the compute that lets a shaped link's bucket refill):
+    all-to-all, o_proj, all-gather, MLP all-reduce against o_proj, all-reduce, MLP all-reduce
+    (H = D = width, otp = 1). Negative where FlashComm2 wins. Collective over `group`'s world."""
+    k = max(width, DECODE_WEIGHT_BYTES // (width * torch.finfo(dtype).bits // 8))
+    weight, w_o = torch.randn(k, width).to(dtype), torch.randn(width, width).to(dtype)
+    out = []
+    counter = comm.CommCounter()
+    for r in rows:
+        x = torch.randn(r, width).to(dtype)  # [T, W]
+        chunk = x[: max(1, r // group.size)]  # [T/N, W]: FlashComm2's o_proj rows
+        ops = {op: fn for op, (_, fn) in _op_calls(group, r, width, dtype, counter).items()}
+        ar, a2a, ag = ops["all_reduce"], ops["all_to_all"], ops["all_gather"]
+
+        def layer(x: torch.Tensor = x) -> None:
+            x @ weight.t()  # [T, K]
+
+        def o_proj(x: torch.Tensor = chunk) -> None:
+            x @ w_o.t()
+
+        fc2 = [layer, a2a, o_proj, ag, layer, ar]
+        row_parallel = [layer, o_proj, ar, layer, ar]
+        out.append(signed_added_s(fc2, row_parallel, rounds, calls))
+    return out
+
+
+def first_win(tokens: list[int], extra: list[float]) -> float | None:
+    """The T from which `extra` (FlashComm2's time over the baseline per T) is <= 0 for good,
+    log-linearly interpolated between the two sizes around it; tokens[0] when it is at every
+    size, None when it is not at the last."""
+    last_loss = max((k for k, e in enumerate(extra) if e > 0), default=None)
+    if last_loss is None:
+        return float(tokens[0])
+    if last_loss == len(extra) - 1:
+        return None
+    t0, t1 = math.log(tokens[last_loss]), math.log(tokens[last_loss + 1])
+    e0, e1 = extra[last_loss], extra[last_loss + 1]
+    return math.exp(t0 + (t1 - t0) * e0 / (e0 - e1))
+
+
+def align_crossover(costs: dict[str, OpCost], tp: int, width: int, dtype: torch.dtype,
+                    tokens: float, later_only: bool = False) -> dict[str, OpCost]:
+    """`costs` with the all-gather's alpha moved (never below 0) so that a layer of
+    H = D = `width` at otp = 1 takes as long with FlashComm2 as with the all-reduce at `tokens`
+    (later_only: only if FlashComm2 wins there, which moves the crossover later).
+    Why: the alpha-beta model is linear in T, and on a link that lets a small message pass in
+    one burst (tbf's bucket) the real difference is not. Across 500 Mbit/s FlashComm2's chain
+    cost 1.7 ms a layer more than the all-reduce at T = 1, 0.35 ms at 16, and won from about
+    20; alphas from T = 1 put the model's crossover at 143, those from back-to-back calls at 1
+    (auto then took FlashComm2 for decode, 8 % slower)."""
+    elt = torch.finfo(dtype).bits // 8
+    shape = Shape(hidden=width, q_dim=width, tp=tp, elt_bytes=elt)
+    fc2 = Strategy("flashcomm2", 1)
+    profile = HardwareProfile("align", dict(costs), 1.0, per_tp={tp: dict(costs)})
+    t = max(1, round(tokens))
+    gap = (comm_time(profile, layer_calls(fc2, shape, t))
+           - comm_time(profile, layer_calls(Strategy(), shape, t)))
+    if later_only and gap >= 0:
+        return costs
+    ag = costs["all_gather"]
+    return {**costs, "all_gather": OpCost(max(0.0, ag.alpha_s - gap), ag.bytes_per_s)}
 
 
 OVERLAP_BYTES = 4 << 20

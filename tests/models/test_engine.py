@@ -25,7 +25,7 @@ CKPTS = ("llama", "qwen2", "qwen3")
 CKPTS_N4 = ("llama", "qwen3")
 """At N = 4 (two ranks per core) qwen2 is left out: N = 2 runs it under every strategy, and
 test_gather_engine.py runs it at N = 4 (QKV bias split four ways)."""
-NEW_TOKENS = 16
+NEW_TOKENS = 12
 
 
 def strategies(n: int) -> dict[str, FlashCommConfig]:

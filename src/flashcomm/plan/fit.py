@@ -210,12 +210,6 @@ def signed_added_s(seq: Sequence[Callable[[], object]], base: Sequence[Callable[
     return float(((both - alone) / calls).median())
 
 
-def added_s(seq: Sequence[Callable[[], object]], base: Sequence[Callable[[], object]],
-            rounds: int, calls: int) -> float:
-    """signed_added_s, >= 0: what `seq` adds to `base`."""
-    return max(0.0, signed_added_s(seq, base, rounds, calls))
-
-
 def _decode_gemv(width: int, dtype: torch.dtype) -> Callable[[], object]:
     """One decode token's GEMV through DECODE_WEIGHT_BYTES of weight [K, width]."""
     k = max(width, DECODE_WEIGHT_BYTES // (width * torch.finfo(dtype).bits // 8))
@@ -228,7 +222,8 @@ def in_context_alphas(ops: dict[str, tuple[float, Callable[[], object]]], width:
     """op -> seconds one call of `ops` adds right after a decode GEMV (QKV, the MLP), as a
     step issues it. Collective; every rank gets the same values."""
     decode = _decode_gemv(width, dtype)
-    return {op: added_s([decode, fn], [decode], rounds, calls) for op, (_, fn) in ops.items()}
+    return {op: max(0.0, signed_added_s([decode, fn], [decode], rounds, calls))
+            for op, (_, fn) in ops.items()}
 
 
 CROSSOVER_ROWS = (1, 4, 16, 32, 64, 128, 256, 1024)

@@ -177,7 +177,10 @@ def main(args: Any) -> int:
                   f"{st['predicted_prefill_ratio']:.3f}, limit {st['limit']:.3f}) generate "
                   f"x{st['generate_ratio']:.3f}  link {st['prefill_link_bytes'] / 2**20:.1f} MiB "
                   f"(model {st['model_link_bytes'] / 2**20:.1f})")
-        print(f"  fc2 crossover: measured {row['measured_crossover']['text']}, planner "
+        cross = row["measured_crossover"]
+        first = cross.get("first_win")
+        print(f"  fc2 crossover: measured {cross['text']} (first win "
+              f"{'never' if first is None else f'{first:.0f}'}), planner "
               f"{row['predicted_crossover_tokens']}")
     print(f"wrote {out / 'hosts.json'} and {out / 'hosts.png'}")
     return 0

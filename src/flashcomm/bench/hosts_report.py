@@ -48,20 +48,31 @@ def _link(ranks: list[dict], i: int) -> float:
     return total
 
 
+def _crossing(tokens: list[int], ratios: list[float], k: int) -> float:
+    """T where the ratio passes 1 between swept sizes k and k+1, interpolated on log T."""
+    t0, t1 = math.log(tokens[k]), math.log(tokens[k + 1])
+    r0, r1 = ratios[k], ratios[k + 1]
+    return math.exp(t0 + (t1 - t0) * (r0 - 1.0) / (r0 - r1))
+
+
 def measured_crossover(tokens: list[int], ratios: list[float]) -> dict:
     """Where fc2's prefill ratio to stock first drops to 1 or below and stays there, by
     log-linear interpolation between the two swept sizes around it. `bound` says whether the
     value is a point ("at"), or the crossing lies outside the sweep ("below" the first size,
-    "above" the last)."""
+    "above" the last). `first_win` is where the ratio first drops to 1 or below at all (None
+    when it never does): the two differ where a size between them loses again."""
+    first = next((k for k, r in enumerate(ratios) if r <= 1.0), None)
+    first_win = None if first is None else (
+        float(tokens[0]) if first == 0 else _crossing(tokens, ratios, first - 1))
     last_loss = max((k for k, r in enumerate(ratios) if r > 1.0), default=None)
     if last_loss is None:
-        return {"tokens": tokens[0], "bound": "below", "text": f"<= {tokens[0]}"}
+        return {"tokens": tokens[0], "bound": "below", "text": f"<= {tokens[0]}",
+                "first_win": first_win}
     if last_loss == len(ratios) - 1:
-        return {"tokens": tokens[-1], "bound": "above", "text": f"> {tokens[-1]}"}
-    t0, t1 = math.log(tokens[last_loss]), math.log(tokens[last_loss + 1])
-    r0, r1 = ratios[last_loss], ratios[last_loss + 1]
-    at = math.exp(t0 + (t1 - t0) * (r0 - 1.0) / (r0 - r1))
-    return {"tokens": at, "bound": "at", "text": f"{at:.0f}"}
+        return {"tokens": tokens[-1], "bound": "above", "text": f"> {tokens[-1]}",
+                "first_win": first_win}
+    at = _crossing(tokens, ratios, last_loss)
+    return {"tokens": at, "bound": "at", "text": f"{at:.0f}", "first_win": first_win}
 
 
 def _sweep_rows(timing: dict) -> dict | None:

@@ -20,7 +20,7 @@ from flashcomm.plan.costmodel import (
     crossover_tokens,
     layer_calls,
 )
-from flashcomm.plan.fit import align_crossover, first_win
+from flashcomm.plan.fit import align_crossover
 from flashcomm.plan.strategy import Strategy
 
 MS = 5e-3
@@ -44,13 +44,6 @@ def test_in_context_alphas_time_each_op_after_a_decode_gemv() -> None:
     assert a["all_reduce"] == pytest.approx(2 * MS, abs=0.4 * MS)
     assert a["all_to_all"] == pytest.approx(MS, abs=0.4 * MS)
     assert a["all_gather"] == pytest.approx(MS / 2, abs=0.4 * MS)
-
-
-def test_first_win_interpolates_where_the_extra_time_turns_negative_for_good() -> None:
-    assert first_win([1, 4, 16, 64], [3e-3, 2e-3, 1e-3, -1e-3]) == pytest.approx(32.0)
-    assert 4 < first_win([1, 4, 16, 64], [-1e-3, 1e-3, -1e-3, -2e-3]) < 16  # a late loss
-    assert first_win([1, 4], [-1e-3, -2e-3]) == 1.0
-    assert first_win([1, 4], [-1e-3, 2e-3]) is None
 
 
 @pytest.mark.parametrize("target", [8.0, 20.0, 140.0])

@@ -17,7 +17,6 @@ Per rate and strategy:
 
 from __future__ import annotations
 
-import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 from flashcomm.bench.link_model import link_bytes
 from flashcomm.model_args import ModelArgs
 from flashcomm.plan.costmodel import HardwareProfile, Shape, crossover_tokens, layer_flops
+from flashcomm.plan.crossing import crossover, log_interpolate
 from flashcomm.plan.deploy import phase_cost
 from flashcomm.plan.strategy import Strategy
 
@@ -48,31 +48,28 @@ def _link(ranks: list[dict], i: int) -> float:
     return total
 
 
-def _crossing(tokens: list[int], ratios: list[float], k: int) -> float:
-    """T where the ratio passes 1 between swept sizes k and k+1, interpolated on log T."""
-    t0, t1 = math.log(tokens[k]), math.log(tokens[k + 1])
-    r0, r1 = ratios[k], ratios[k + 1]
-    return math.exp(t0 + (t1 - t0) * (r0 - 1.0) / (r0 - r1))
-
-
-def measured_crossover(tokens: list[int], ratios: list[float]) -> dict:
-    """Where fc2's prefill ratio to stock first drops to 1 or below and stays there, by
-    log-linear interpolation between the two swept sizes around it. `bound` says whether the
-    value is a point ("at"), or the crossing lies outside the sweep ("below" the first size,
-    "above" the last). `first_win` is where the ratio first drops to 1 or below at all (None
-    when it never does): the two differ where a size between them loses again."""
-    first = next((k for k, r in enumerate(ratios) if r <= 1.0), None)
-    first_win = None if first is None else (
-        float(tokens[0]) if first == 0 else _crossing(tokens, ratios, first - 1))
-    last_loss = max((k for k, r in enumerate(ratios) if r > 1.0), default=None)
-    if last_loss is None:
-        return {"tokens": tokens[0], "bound": "below", "text": f"<= {tokens[0]}",
-                "first_win": first_win}
-    if last_loss == len(ratios) - 1:
-        return {"tokens": tokens[-1], "bound": "above", "text": f"> {tokens[-1]}",
-                "first_win": first_win}
-    at = _crossing(tokens, ratios, last_loss)
-    return {"tokens": at, "bound": "at", "text": f"{at:.0f}", "first_win": first_win}
+def measured_crossover(tokens: list[int], fc2_s: list[list[float]],
+                       stock_s: list[list[float]]) -> dict:
+    """Where fc2's prefill starts to beat stock's, from the sweep's paired rounds at each size
+    (plan.crossing: a size is a loss only when a sign test over its rounds says so).
+    `bound` says whether the value is a point ("at"), or lies outside the sweep ("below" the
+    first size, "above" the last). Two naive readings of the median ratios come with it:
+    `first_win`, where the ratio first drops to 1 or below, and `for_good`, where it drops
+    to 1 or below and stays there whatever the rounds say (None: never)."""
+    diffs = [[f / s - 1.0 for f, s in zip(fr, sr, strict=True)]
+             for fr, sr in zip(fc2_s, stock_s, strict=True)]  # ratio - 1 per round
+    med = [statistics.median(d) for d in diffs]
+    first = next((k for k, m in enumerate(med) if m <= 0), None)
+    naive = {"first_win": None if first is None else float(tokens[0]) if first == 0 else
+             log_interpolate(tokens[first - 1], tokens[first], med[first - 1], med[first]),
+             # every median above 1 as a loss: five unanimous rounds of it
+             "for_good": crossover(tokens, [[m] * 5 for m in med])}
+    at = crossover(tokens, diffs)
+    if at is None:
+        return {"tokens": tokens[-1], "bound": "above", "text": f"> {tokens[-1]}", **naive}
+    if at == tokens[0] and med[0] <= 0:
+        return {"tokens": tokens[0], "bound": "below", "text": f"<= {tokens[0]}", **naive}
+    return {"tokens": at, "bound": "at", "text": f"{at:.0f}", **naive}
 
 
 def _sweep_rows(timing: dict) -> dict | None:
@@ -85,7 +82,7 @@ def _sweep_rows(timing: dict) -> dict | None:
              for f, s in zip(fc2, stock, strict=True)]  # paired by round
     return {"tokens": sweep["tokens"], "fc2_prefill_ratio": ratios, "fc2_extra_s": extra,
             "stock_prefill_s": [statistics.median(s) for s in stock],
-            "crossover": measured_crossover(sweep["tokens"], ratios)}
+            "crossover": measured_crossover(sweep["tokens"], fc2, stock)}
 
 
 def summarize_rate(raw: dict, args: ModelArgs, tokens: int) -> dict:

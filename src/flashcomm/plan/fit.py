@@ -15,7 +15,6 @@ Collective over the group's world: every rank must call fit_profile alike.
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 import time
@@ -35,6 +34,7 @@ from flashcomm.plan.costmodel import (
     fit_op,
     layer_calls,
 )
+from flashcomm.plan.crossing import crossover
 from flashcomm.plan.strategy import Strategy
 
 DEFAULT_ROWS = (1, 16, 256, 1024, 4096)
@@ -89,8 +89,9 @@ def fit_profile(
     follows compute. So each op's alpha is at least its latency right after a decode GEMV
     (in_context_alphas). Last, the crossover: miniature layers of H = D = `layer_width` (default
     `width`; the model's hidden size is best) time FlashComm2 against the row-parallel layer at
-    CROSSOVER_ROWS, and where FlashComm2 starts to win there, the all-gather's alpha is moved
-    so that the alpha-beta model's crossover falls at that T (align_crossover)."""
+    CROSSOVER_ROWS, and where FlashComm2 starts to win there (plan.crossing: a size is a loss
+    only when a sign test over its rounds says so), the all-gather's alpha is moved so that the
+    alpha-beta model's crossover falls at that T (align_crossover)."""
     if len(rows) < 2 or rounds < 1:
         raise ValueError(f"fit_profile: need >= 2 sizes (rows={rows}) and rounds >= 1")
     handles: dict[int, GroupHandle] = {}
@@ -146,7 +147,7 @@ def fit_profile(
     tp = groups.tp.size
     layer_width = layer_width or width
     extra = layer_extra_s(groups.tp, layer_width, dtype, min(rounds, LAYER_ROUNDS))
-    win = first_win(list(CROSSOVER_ROWS), extra)
+    win = crossover(CROSSOVER_ROWS, extra)
     if win is not None:
         per_tp[tp] = align_crossover(per_tp[tp], tp, layer_width, dtype, win)
     else:  # no win up to the last row: the model must not put one before it
@@ -188,11 +189,11 @@ DECODE_WEIGHT_BYTES = 16 << 20
 the caches, as a layer's QKV or MLP weights are."""
 
 
-def signed_added_s(seq: Sequence[Callable[[], object]], base: Sequence[Callable[[], object]],
-                   rounds: int, calls: int) -> float:
-    """Seconds `seq` takes beyond `base` per pass (negative when faster): per round, `calls`
-    passes of each after a barrier, the slowest rank's; the median over rounds of the
-    difference. Collective; every rank gets the same value."""
+def paired_added_s(seq: Sequence[Callable[[], object]], base: Sequence[Callable[[], object]],
+                   rounds: int, calls: int) -> list[float]:
+    """Seconds `seq` takes beyond `base` per pass (negative when faster), one per round: per
+    round, `calls` passes of each after a barrier, the slowest rank's. Collective; every rank
+    gets the same values."""
     for f in (*seq, *base):
         f()
     pairs = []
@@ -207,7 +208,7 @@ def signed_added_s(seq: Sequence[Callable[[], object]], base: Sequence[Callable[
     t = torch.tensor(pairs, dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     both, alone = t.view(rounds, 2).unbind(1)
-    return float(((both - alone) / calls).median())
+    return ((both - alone) / calls).tolist()
 
 
 def _decode_gemv(width: int, dtype: torch.dtype) -> Callable[[], object]:
@@ -222,7 +223,7 @@ def in_context_alphas(ops: dict[str, tuple[float, Callable[[], object]]], width:
     """op -> seconds one call of `ops` adds right after a decode GEMV (QKV, the MLP), as a
     step issues it. Collective; every rank gets the same values."""
     decode = _decode_gemv(width, dtype)
-    return {op: max(0.0, signed_added_s([decode, fn], [decode], rounds, calls))
+    return {op: max(0.0, statistics.median(paired_added_s([decode, fn], [decode], rounds, calls)))
             for op, (_, fn) in ops.items()}
 
 
@@ -237,11 +238,11 @@ link's bucket, and bounded, so the largest sizes cost communication, not compute
 
 
 def layer_extra_s(group: GroupHandle, width: int, dtype: torch.dtype, rounds: int,
-                  rows: tuple[int, ...] = CROSSOVER_ROWS, calls: int = 2) -> list[float]:
-    """Per T in `rows`: seconds FlashComm2's layer communication takes beyond the row-parallel
-    layer's, each issued as a decoder layer does, between the same matmuls of T rows (at most
-    COMPUTE_ROWS) through DECODE_WEIGHT_BYTES (QKV, the MLP: the compute that lets a shaped
-    link's bucket refill):
+                  rows: tuple[int, ...] = CROSSOVER_ROWS, calls: int = 2) -> list[list[float]]:
+    """Per T in `rows`, one per round: seconds FlashComm2's layer communication takes beyond
+    the row-parallel layer's, each issued as a decoder layer does, between the same matmuls of
+    T rows (at most COMPUTE_ROWS) through DECODE_WEIGHT_BYTES (QKV, the MLP: the compute that
+    lets a shaped link's bucket refill):
     all-to-all, o_proj, all-gather, MLP all-reduce against o_proj, all-reduce, MLP all-reduce
     (H = D = width, otp = 1). Negative where FlashComm2 wins. Collective over `group`'s world."""
     k = max(width, DECODE_WEIGHT_BYTES // (width * torch.finfo(dtype).bits // 8))
@@ -266,22 +267,8 @@ def layer_extra_s(group: GroupHandle, width: int, dtype: torch.dtype, rounds: in
 
         fc2 = [layer, a2a, o_proj, ag, layer, ar]
         row_parallel = [layer, o_proj, ar, layer, ar]
-        out.append(signed_added_s(fc2, row_parallel, rounds, calls))
+        out.append(paired_added_s(fc2, row_parallel, rounds, calls))
     return out
-
-
-def first_win(tokens: list[int], extra: list[float]) -> float | None:
-    """The T from which `extra` (FlashComm2's time over the baseline per T) is <= 0 for good,
-    log-linearly interpolated between the two sizes around it; tokens[0] when it is at every
-    size, None when it is not at the last."""
-    last_loss = max((k for k, e in enumerate(extra) if e > 0), default=None)
-    if last_loss is None:
-        return float(tokens[0])
-    if last_loss == len(extra) - 1:
-        return None
-    t0, t1 = math.log(tokens[last_loss]), math.log(tokens[last_loss + 1])
-    e0, e1 = extra[last_loss], extra[last_loss + 1]
-    return math.exp(t0 + (t1 - t0) * e0 / (e0 - e1))
 
 
 def align_crossover(costs: dict[str, OpCost], tp: int, width: int, dtype: torch.dtype,

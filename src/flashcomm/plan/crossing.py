@@ -1,0 +1,58 @@
+"""Where FlashComm2 starts to beat the all-reduce, from paired timings at a few step sizes.
+
+Both the fit (its in-context layers, plan/fit.py) and `flashcomm bench hosts` (the engine's
+prefill sweep) time FlashComm2 against the baseline in paired rounds at sizes T_1 < ... < T_m
+and ask where FlashComm2 starts to win. A size where one of them is a few percent slower in
+the median of 5-9 rounds is often a coin flip: across a 500 Mbit/s link the two paths differ
+by under 3 % from T = 96 to 256, and "wins from here on" landed anywhere from 146 to 242 in
+runs of one benchmark, while the first win sat at 19-24 in every run. So a size counts as a
+loss only when a one-sided sign test over its rounds says FlashComm2 is slower (p < 0.05:
+slower in every one of 5 rounds, in 8 of 9); the crossover is the first size after the last
+such loss whose median difference is <= 0, interpolated on log T from the size before it.
+A size after it whose loss the test cannot tell from noise does not move it.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+
+SIGNIFICANCE = 0.05
+"""One-sided p below which FlashComm2's slower rounds at a size count as a loss."""
+
+
+def slower_p(diffs: Sequence[float]) -> float:
+    """One-sided sign-test p-value of "FlashComm2 is slower" from paired differences
+    (FlashComm2's time minus the baseline's, one per round; ties count against slower)."""
+    n, k = len(diffs), sum(d > 0 for d in diffs)
+    return sum(math.comb(n, j) for j in range(k, n + 1)) / 2**n
+
+
+def significantly_slower(diffs: Sequence[float]) -> bool:
+    """Whether the rounds show FlashComm2 slower at this size (sign test, p < SIGNIFICANCE)."""
+    return len(diffs) > 0 and slower_p(diffs) < SIGNIFICANCE
+
+
+def crossover(tokens: Sequence[int], diffs: Sequence[Sequence[float]]) -> float | None:
+    """The T from which FlashComm2 wins (module doc): tokens[0] when no size is a loss and the
+    first one wins, None when no size after the last loss wins; `diffs[i]` holds the paired
+    differences at tokens[i] (positive: FlashComm2 slower)."""
+    if len(tokens) != len(diffs) or not tokens:
+        raise ValueError(f"{len(tokens)} sizes but {len(diffs)} lists of differences")
+    med = [statistics.median(d) for d in diffs]
+    last_loss = max((i for i, d in enumerate(diffs) if significantly_slower(d)), default=-1)
+    win = next((i for i in range(last_loss + 1, len(med)) if med[i] <= 0), None)
+    if win is None:
+        return None
+    if win == 0:
+        return float(tokens[0])
+    return log_interpolate(tokens[win - 1], tokens[win], med[win - 1], med[win])
+
+
+def log_interpolate(t0: float, t1: float, e0: float, e1: float) -> float:
+    """T where a difference of e0 at t0 and e1 at t1 (e0 > 0 >= e1) passes 0, linear in log T;
+    t1 when e0 <= 0 too."""
+    if e0 <= 0:
+        return float(t1)
+    return math.exp(math.log(t0) + (math.log(t1) - math.log(t0)) * e0 / (e0 - e1))

@@ -1,0 +1,47 @@
+"""Where FlashComm2 starts to win, from paired rounds: a size is a loss only when a sign test
+over its rounds says FlashComm2 is slower, and the crossover is the first win after the last
+such loss, interpolated on log T."""
+
+import math
+
+import pytest
+
+from flashcomm.plan.crossing import crossover, significantly_slower, slower_p
+
+MS = 1e-3
+
+
+def test_sign_test_p_values() -> None:
+    assert slower_p([1.0] * 5) == pytest.approx(1 / 32)
+    assert slower_p([1.0] * 8 + [-1.0]) == pytest.approx(10 / 512)
+    assert slower_p([1.0] * 7 + [-1.0] * 2) == pytest.approx(46 / 512)
+    assert significantly_slower([1.0] * 5) and significantly_slower([1.0] * 8 + [-1.0])
+    assert not significantly_slower([1.0] * 4 + [-1.0])  # p = 6/32
+    assert not significantly_slower([1.0] * 7 + [-1.0] * 2)  # p = 46/512
+    assert not significantly_slower([])
+
+
+def test_interpolates_on_log_tokens_after_the_last_loss() -> None:
+    diffs = [[3 * MS] * 5, [2 * MS] * 5, [MS] * 5, [-MS] * 5]  # every size unanimous
+    got = crossover([1, 4, 16, 64], diffs)
+    assert got == pytest.approx(32.0)
+    assert math.isclose(math.log2(got), 5.0)
+
+
+def test_a_loss_the_rounds_cannot_tell_from_noise_does_not_move_the_crossover() -> None:
+    """Loses at 1 and 16 in every round, wins at 32 and 1024; at 128 slower in 6 of 9 rounds
+    (median +1 ms, p = 0.25): not a loss."""
+    tokens = [1, 16, 32, 128, 1024]
+    diffs = [[2 * MS] * 9, [MS] * 9, [-MS] * 9, [MS] * 6 + [-MS] * 3, [-5 * MS] * 9]
+    assert crossover(tokens, diffs) == pytest.approx(math.sqrt(16 * 32))
+    diffs[3] = [MS] * 8 + [-MS]  # slower in 8 of 9 (p = 0.02): a loss; the win is from 1024
+    assert crossover(tokens, diffs) == pytest.approx(128 * 8 ** (1 / 6))  # +1 ms to -5 ms
+
+
+def test_bounds() -> None:
+    assert crossover([1, 4], [[-MS] * 5, [-MS] * 5]) == 1.0  # wins everywhere
+    assert crossover([1, 4], [[-MS] * 5, [MS] * 5]) is None  # loses at the last size
+    # after the last loss only ties that lean slower: no win to cross at
+    assert crossover([1, 4, 16], [[MS] * 5, [MS] * 3 + [-MS] * 2, [MS] * 3 + [-MS] * 2]) is None
+    with pytest.raises(ValueError, match="2 sizes but 1"):
+        crossover([1, 4], [[MS]])

@@ -62,8 +62,7 @@ def measured_crossover(tokens: list[int], fc2_s: list[list[float]],
     first = next((k for k, m in enumerate(med) if m <= 0), None)
     naive = {"first_win": None if first is None else float(tokens[0]) if first == 0 else
              log_interpolate(tokens[first - 1], tokens[first], med[first - 1], med[first]),
-             # every median above 1 as a loss: five unanimous rounds of it
-             "for_good": crossover(tokens, [[m] * 5 for m in med])}
+             "for_good": crossover(tokens, diffs, lambda d: statistics.median(d) > 0)}
     at = crossover(tokens, diffs)
     if at is None:
         return {"tokens": tokens[-1], "bound": "above", "text": f"> {tokens[-1]}", **naive}

@@ -5,7 +5,7 @@ prefill sweep) time FlashComm2 against the baseline in paired rounds at sizes T_
 and ask where FlashComm2 starts to win. A size where one of them is a few percent slower in
 the median of 5-9 rounds is often a coin flip: across a 500 Mbit/s link the two paths differ
 by under 3 % from T = 96 to 256, and "wins from here on" landed anywhere from 146 to 242 in
-runs of one benchmark, while the first win sat at 19-24 in every run. So a size counts as a
+runs of one benchmark, while the first win sat at 19-27 in every run. So a size counts as a
 loss only when a one-sided sign test over its rounds says FlashComm2 is slower (p < 0.05:
 slower in every one of 5 rounds, in 8 of 9); the crossover is the first size after the last
 such loss whose median difference is <= 0, interpolated on log T from the size before it.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 SIGNIFICANCE = 0.05
 """One-sided p below which FlashComm2's slower rounds at a size count as a loss."""
@@ -34,14 +34,16 @@ def significantly_slower(diffs: Sequence[float]) -> bool:
     return len(diffs) > 0 and slower_p(diffs) < SIGNIFICANCE
 
 
-def crossover(tokens: Sequence[int], diffs: Sequence[Sequence[float]]) -> float | None:
+def crossover(tokens: Sequence[int], diffs: Sequence[Sequence[float]],
+              is_loss: Callable[[Sequence[float]], bool] = significantly_slower) -> float | None:
     """The T from which FlashComm2 wins (module doc): tokens[0] when no size is a loss and the
     first one wins, None when no size after the last loss wins; `diffs[i]` holds the paired
-    differences at tokens[i] (positive: FlashComm2 slower)."""
+    differences at tokens[i] (positive: FlashComm2 slower), and `is_loss` says which sizes
+    are losses (a median above 0 gives the naive "wins for good" reading)."""
     if len(tokens) != len(diffs) or not tokens:
         raise ValueError(f"{len(tokens)} sizes but {len(diffs)} lists of differences")
     med = [statistics.median(d) for d in diffs]
-    last_loss = max((i for i, d in enumerate(diffs) if significantly_slower(d)), default=-1)
+    last_loss = max((i for i, d in enumerate(diffs) if is_loss(d)), default=-1)
     win = next((i for i in range(last_loss + 1, len(med)) if med[i] <= 0), None)
     if win is None:
         return None

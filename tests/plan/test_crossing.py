@@ -1,12 +1,17 @@
-"""Where FlashComm2 starts to win, from paired rounds: a size is a loss only when a sign test
-over its rounds says FlashComm2 is slower, and the crossover is the first win after the last
-such loss, interpolated on log T."""
+"""Where FlashComm2 starts to win, from paired rounds: the first win after the last loss,
+interpolated on log T, where a loss is a median above 0 (the fit's rule) or a sign test that
+says FlashComm2 is slower (one reading of a measurement)."""
 
 import math
 
 import pytest
 
-from flashcomm.plan.crossing import crossover, significantly_slower, slower_p
+from flashcomm.plan.crossing import (
+    crossover,
+    median_slower,
+    significantly_slower,
+    slower_p,
+)
 
 MS = 1e-3
 
@@ -23,7 +28,7 @@ def test_sign_test_p_values() -> None:
 
 def test_interpolates_on_log_tokens_after_the_last_loss() -> None:
     diffs = [[3 * MS] * 5, [2 * MS] * 5, [MS] * 5, [-MS] * 5]  # every size unanimous
-    got = crossover([1, 4, 16, 64], diffs)
+    got = crossover([1, 4, 16, 64], diffs, significantly_slower)
     assert got == pytest.approx(32.0)
     assert math.isclose(math.log2(got), 5.0)
 
@@ -33,15 +38,21 @@ def test_a_loss_the_rounds_cannot_tell_from_noise_does_not_move_the_crossover() 
     (median +1 ms, p = 0.25): not a loss."""
     tokens = [1, 16, 32, 128, 1024]
     diffs = [[2 * MS] * 9, [MS] * 9, [-MS] * 9, [MS] * 6 + [-MS] * 3, [-5 * MS] * 9]
-    assert crossover(tokens, diffs) == pytest.approx(math.sqrt(16 * 32))
+    assert crossover(tokens, diffs, significantly_slower) == pytest.approx(math.sqrt(16 * 32))
+    # the fit's rule: the median at 128 is a loss, so the win is from 1024
+    assert crossover(tokens, diffs, median_slower) == pytest.approx(128 * 8 ** (1 / 6))
+    assert median_slower([MS] * 5 + [-MS] * 4) and not median_slower([MS] * 4 + [-MS] * 5)
     diffs[3] = [MS] * 8 + [-MS]  # slower in 8 of 9 (p = 0.02): a loss; the win is from 1024
-    assert crossover(tokens, diffs) == pytest.approx(128 * 8 ** (1 / 6))  # +1 ms to -5 ms
+    from_1024 = 128 * 8 ** (1 / 6)  # +1 ms at 128 to -5 ms at 1024
+    assert crossover(tokens, diffs, significantly_slower) == pytest.approx(from_1024)
 
 
 def test_bounds() -> None:
-    assert crossover([1, 4], [[-MS] * 5, [-MS] * 5]) == 1.0  # wins everywhere
-    assert crossover([1, 4], [[-MS] * 5, [MS] * 5]) is None  # loses at the last size
+    slower = significantly_slower
+    assert crossover([1, 4], [[-MS] * 5, [-MS] * 5], slower) == 1.0  # wins everywhere
+    assert crossover([1, 4], [[-MS] * 5, [MS] * 5], slower) is None  # loses at the last size
     # after the last loss only ties that lean slower: no win to cross at
-    assert crossover([1, 4, 16], [[MS] * 5, [MS] * 3 + [-MS] * 2, [MS] * 3 + [-MS] * 2]) is None
+    assert crossover([1, 4, 16], [[MS] * 5, [MS] * 3 + [-MS] * 2, [MS] * 3 + [-MS] * 2],
+                     significantly_slower) is None
     with pytest.raises(ValueError, match="2 sizes but 1"):
-        crossover([1, 4], [[MS]])
+        crossover([1, 4], [[MS]], median_slower)

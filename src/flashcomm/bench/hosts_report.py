@@ -24,7 +24,12 @@ from typing import Any
 from flashcomm.bench.link_model import link_bytes
 from flashcomm.model_args import ModelArgs
 from flashcomm.plan.costmodel import HardwareProfile, Shape, crossover_tokens, layer_flops
-from flashcomm.plan.crossing import crossover, log_interpolate
+from flashcomm.plan.crossing import (
+    crossover,
+    log_interpolate,
+    median_slower,
+    significantly_slower,
+)
 from flashcomm.plan.deploy import phase_cost
 from flashcomm.plan.strategy import Strategy
 
@@ -51,7 +56,8 @@ def _link(ranks: list[dict], i: int) -> float:
 def measured_crossover(tokens: list[int], fc2_s: list[list[float]],
                        stock_s: list[list[float]]) -> dict:
     """Where fc2's prefill starts to beat stock's, from the sweep's paired rounds at each size
-    (plan.crossing: a size is a loss only when a sign test over its rounds says so).
+    (plan.crossing: a size is a loss only when a sign test over its rounds says so; the fit's
+    rule, a median above 1, is the `for_good` reading).
     `bound` says whether the value is a point ("at"), or lies outside the sweep ("below" the
     first size, "above" the last). Two naive readings of the median ratios come with it:
     `first_win`, where the ratio first drops to 1 or below, and `for_good`, where it drops
@@ -62,8 +68,8 @@ def measured_crossover(tokens: list[int], fc2_s: list[list[float]],
     first = next((k for k, m in enumerate(med) if m <= 0), None)
     naive = {"first_win": None if first is None else float(tokens[0]) if first == 0 else
              log_interpolate(tokens[first - 1], tokens[first], med[first - 1], med[first]),
-             "for_good": crossover(tokens, diffs, lambda d: statistics.median(d) > 0)}
-    at = crossover(tokens, diffs)
+             "for_good": crossover(tokens, diffs, median_slower)}
+    at = crossover(tokens, diffs, significantly_slower)
     if at is None:
         return {"tokens": tokens[-1], "bound": "above", "text": f"> {tokens[-1]}", **naive}
     if at == tokens[0] and med[0] <= 0:

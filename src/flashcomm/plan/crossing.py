@@ -2,14 +2,18 @@
 
 Both the fit (its in-context layers, plan/fit.py) and `flashcomm bench hosts` (the engine's
 prefill sweep) time FlashComm2 against the baseline in paired rounds at sizes T_1 < ... < T_m
-and ask where FlashComm2 starts to win. A size where one of them is a few percent slower in
-the median of 5-9 rounds is often a coin flip: across a 500 Mbit/s link the two paths differ
-by under 3 % from T = 96 to 256, and "wins from here on" landed anywhere from 146 to 242 in
-runs of one benchmark, while the first win sat at 19-27 in every run. So a size counts as a
-loss only when a one-sided sign test over its rounds says FlashComm2 is slower (p < 0.05:
-slower in every one of 5 rounds, in 8 of 9); the crossover is the first size after the last
-such loss whose median difference is <= 0, interpolated on log T from the size before it.
-A size after it whose loss the test cannot tell from noise does not move it.
+and ask where FlashComm2 starts to win: the first size after the last loss whose median
+difference is <= 0, interpolated on log T from the size before it. What counts as a loss is
+the caller's rule:
+- `median_slower`, the fit's: a median above 0. It is conservative, as `auto` must be: a
+  threshold set where FlashComm2 might still lose costs the user. With the sign test instead,
+  5 rounds call a loss only when all 5 agree, and across a 2 Gbit/s link the fit then put
+  the crossover at 15 where the engine's prefill lost up to T = 808.
+- `significantly_slower`, one reading of a measurement: a one-sided sign test over the size's
+  rounds (p < 0.05: slower in 8 of 9 rounds, 12 of 15). Across a 500 Mbit/s link the two
+  paths differ by under 3 % from T = 96 to 256; one median above 1 there put "wins from here
+  on" anywhere from 146 to 242 in runs of one benchmark, while the first win sat at 19-27 in
+  every run.
 """
 
 from __future__ import annotations
@@ -29,17 +33,22 @@ def slower_p(diffs: Sequence[float]) -> float:
     return sum(math.comb(n, j) for j in range(k, n + 1)) / 2**n
 
 
+def median_slower(diffs: Sequence[float]) -> bool:
+    """Whether FlashComm2's median over the rounds is slower at this size."""
+    return statistics.median(diffs) > 0
+
+
 def significantly_slower(diffs: Sequence[float]) -> bool:
     """Whether the rounds show FlashComm2 slower at this size (sign test, p < SIGNIFICANCE)."""
     return len(diffs) > 0 and slower_p(diffs) < SIGNIFICANCE
 
 
 def crossover(tokens: Sequence[int], diffs: Sequence[Sequence[float]],
-              is_loss: Callable[[Sequence[float]], bool] = significantly_slower) -> float | None:
+              is_loss: Callable[[Sequence[float]], bool]) -> float | None:
     """The T from which FlashComm2 wins (module doc): tokens[0] when no size is a loss and the
     first one wins, None when no size after the last loss wins; `diffs[i]` holds the paired
-    differences at tokens[i] (positive: FlashComm2 slower), and `is_loss` says which sizes
-    are losses (a median above 0 gives the naive "wins for good" reading)."""
+    differences at tokens[i] (positive: FlashComm2 slower), `is_loss` says which sizes are
+    losses (median_slower or significantly_slower)."""
     if len(tokens) != len(diffs) or not tokens:
         raise ValueError(f"{len(tokens)} sizes but {len(diffs)} lists of differences")
     med = [statistics.median(d) for d in diffs]

@@ -34,7 +34,7 @@ from flashcomm.plan.costmodel import (
     fit_op,
     layer_calls,
 )
-from flashcomm.plan.crossing import crossover
+from flashcomm.plan.crossing import crossover, median_slower
 from flashcomm.plan.strategy import Strategy
 
 DEFAULT_ROWS = (1, 16, 256, 1024, 4096)
@@ -89,9 +89,9 @@ def fit_profile(
     follows compute. So each op's alpha is at least its latency right after a decode GEMV
     (in_context_alphas). Last, the crossover: miniature layers of H = D = `layer_width` (default
     `width`; the model's hidden size is best) time FlashComm2 against the row-parallel layer at
-    CROSSOVER_ROWS, and where FlashComm2 starts to win there (plan.crossing: a size is a loss
-    only when a sign test over its rounds says so), the all-gather's alpha is moved so that the
-    alpha-beta model's crossover falls at that T (align_crossover)."""
+    CROSSOVER_ROWS, and where FlashComm2 wins from then on (plan.crossing, by the medians),
+    the all-gather's alpha is moved so that the alpha-beta model's crossover falls at that T
+    (align_crossover)."""
     if len(rows) < 2 or rounds < 1:
         raise ValueError(f"fit_profile: need >= 2 sizes (rows={rows}) and rounds >= 1")
     handles: dict[int, GroupHandle] = {}
@@ -147,7 +147,7 @@ def fit_profile(
     tp = groups.tp.size
     layer_width = layer_width or width
     extra = layer_extra_s(groups.tp, layer_width, dtype, min(rounds, LAYER_ROUNDS))
-    win = crossover(CROSSOVER_ROWS, extra)
+    win = crossover(CROSSOVER_ROWS, extra, median_slower)  # conservative: auto follows it
     if win is not None:
         per_tp[tp] = align_crossover(per_tp[tp], tp, layer_width, dtype, win)
     else:  # no win up to the last row: the model must not put one before it

@@ -5,10 +5,9 @@ prefill sweep) time FlashComm2 against the baseline in paired rounds at sizes T_
 and ask where FlashComm2 starts to win: the first size after the last loss whose median
 difference is <= 0, interpolated on log T from the size before it. What counts as a loss is
 the caller's rule:
-- `median_slower`, the fit's: a median above 0. It is conservative, as `auto` must be: a
-  threshold set where FlashComm2 might still lose costs the user. With the sign test instead,
-  5 rounds call a loss only when all 5 agree, and across a 2 Gbit/s link the fit then put
-  the crossover at 15 where the engine's prefill lost up to T = 808.
+- `median_slower`, the fit's: a median above 0. It is the more conservative rule, as `auto`
+  must be: a threshold set where FlashComm2 might still lose costs the user, and with the
+  sign test 5 rounds call a loss only when all 5 agree.
 - `significantly_slower`, one reading of a measurement: a one-sided sign test over the size's
   rounds (p < 0.05: slower in 8 of 9 rounds, 12 of 15). Across a 500 Mbit/s link the two
   paths differ by under 3 % from T = 96 to 256; one median above 1 there put "wins from here

@@ -24,12 +24,7 @@ from typing import Any
 from flashcomm.bench.link_model import link_bytes
 from flashcomm.model_args import ModelArgs
 from flashcomm.plan.costmodel import HardwareProfile, Shape, crossover_tokens, layer_flops
-from flashcomm.plan.crossing import (
-    crossover,
-    log_interpolate,
-    median_slower,
-    significantly_slower,
-)
+from flashcomm.plan.crossing import crossover, median_slower, significantly_slower
 from flashcomm.plan.deploy import phase_cost
 from flashcomm.plan.strategy import Strategy
 
@@ -64,15 +59,12 @@ def measured_crossover(tokens: list[int], fc2_s: list[list[float]],
     to 1 or below and stays there whatever the rounds say (None: never)."""
     diffs = [[f / s - 1.0 for f, s in zip(fr, sr, strict=True)]
              for fr, sr in zip(fc2_s, stock_s, strict=True)]  # ratio - 1 per round
-    med = [statistics.median(d) for d in diffs]
-    first = next((k for k, m in enumerate(med) if m <= 0), None)
-    naive = {"first_win": None if first is None else float(tokens[0]) if first == 0 else
-             log_interpolate(tokens[first - 1], tokens[first], med[first - 1], med[first]),
+    naive = {"first_win": crossover(tokens, diffs, lambda _: False),  # no size a loss
              "for_good": crossover(tokens, diffs, median_slower)}
     at = crossover(tokens, diffs, significantly_slower)
     if at is None:
         return {"tokens": tokens[-1], "bound": "above", "text": f"> {tokens[-1]}", **naive}
-    if at == tokens[0] and med[0] <= 0:
+    if at == tokens[0]:  # the first size already wins
         return {"tokens": tokens[0], "bound": "below", "text": f"<= {tokens[0]}", **naive}
     return {"tokens": at, "bound": "at", "text": f"{at:.0f}", **naive}
 

@@ -1,6 +1,7 @@
-"""Where FlashComm2 starts to win, from paired rounds: the first win after the last loss,
-interpolated on log T, where a loss is a median above 0 (the fit's rule) or a sign test that
-says FlashComm2 is slower (one reading of a measurement)."""
+"""Where FlashComm2 starts to win, from paired rounds: where the non-increasing fit of the
+per-size medians reaches 0 (the fit's and the benchmark's reading), or the first win after the
+last loss, where a loss is a median above 0 or a sign test that says FlashComm2 is slower;
+interpolated on log T."""
 
 import math
 
@@ -9,6 +10,8 @@ import pytest
 from flashcomm.plan.crossing import (
     crossover,
     median_slower,
+    monotone_crossover,
+    monotone_fit,
     significantly_slower,
     slower_p,
 )
@@ -56,3 +59,33 @@ def test_bounds() -> None:
                      significantly_slower) is None
     with pytest.raises(ValueError, match="2 sizes but 1"):
         crossover([1, 4], [[MS]], median_slower)
+
+
+def test_monotone_fit_pools_every_rise_with_what_came_before() -> None:
+    assert monotone_fit([3.0, 1.0, 2.0, 0.0]) == pytest.approx([3.0, 1.5, 1.5, 0.0])
+    assert monotone_fit([0.3, 0.2, -0.1]) == pytest.approx([0.3, 0.2, -0.1])  # already falls
+    assert monotone_fit([1.0, 2.0, 3.0]) == pytest.approx([2.0, 2.0, 2.0])
+    # a late rise pools back over several blocks: [1, 0, 0.5, 0.9] -> 1 and three of 0.467
+    assert monotone_fit([1.0, 0.0, 0.5, 0.9]) == pytest.approx([1.0] + [1.4 / 3] * 3)
+
+
+def test_monotone_crossover_pools_a_tie_between_wins_and_not_a_clear_loss() -> None:
+    """Medians +20 %, +10 %, -10 %, +2 %, -5 %: the +2 % between wins is pooled with the -10 %
+    before it (-4 %), so FlashComm2 wins from between 16 and 32; the median rule waits for 1024.
+    At +30 % the pool stays above 0 up to 256 and the crossover moves past it."""
+    tokens = [1, 16, 32, 128, 1024]
+    diffs = [[0.2] * 5, [0.1] * 5, [-0.1] * 5, [0.02] * 3 + [-0.01] * 2, [-0.05] * 5]
+    assert monotone_crossover(tokens, diffs) == pytest.approx(16 * 2 ** (0.1 / 0.14))
+    assert crossover(tokens, diffs, median_slower) == pytest.approx(128 * 8 ** (0.02 / 0.07))
+    diffs[3] = [0.3] * 5
+    assert monotone_crossover(tokens, diffs) == pytest.approx(128 * 8 ** (0.1 / 0.15))
+
+
+def test_monotone_crossover_bounds() -> None:
+    assert monotone_crossover([1, 4], [[-0.1] * 3, [-0.2] * 3]) == 1.0  # wins everywhere
+    # an early win outweighed by losses at the larger sizes: no crossover
+    assert monotone_crossover([1, 4, 16, 64], [[0.2], [-0.05], [0.1], [0.1]]) is None
+    with pytest.raises(ValueError, match="2 sizes but 1"):
+        monotone_crossover([1, 4], [[0.1]])
+    with pytest.raises(ValueError, match="at least one round"):
+        monotone_crossover([1, 4], [[0.1], []])

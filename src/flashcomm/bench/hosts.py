@@ -178,9 +178,9 @@ def main(args: Any) -> int:
                   f"x{st['generate_ratio']:.3f}  link {st['prefill_link_bytes'] / 2**20:.1f} MiB "
                   f"(model {st['model_link_bytes'] / 2**20:.1f})")
         cross = row["measured_crossover"]
-        first = cross.get("first_win")
-        print(f"  fc2 crossover: measured {cross['text']} (first win "
-              f"{'never' if first is None else f'{first:.0f}'}), planner "
+        others = ", ".join(f"{k.replace('_', ' ')} {'never' if v is None else f'{v:.0f}'}"
+                           for k, v in cross.items() if k in ("sign_test", "first_win"))
+        print(f"  fc2 crossover: measured {cross['text']} ({others}), planner "
               f"{row['predicted_crossover_tokens']}")
     print(f"wrote {out / 'hosts.json'} and {out / 'hosts.png'}")
     return 0

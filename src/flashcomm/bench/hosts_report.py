@@ -24,7 +24,12 @@ from typing import Any
 from flashcomm.bench.link_model import link_bytes
 from flashcomm.model_args import ModelArgs
 from flashcomm.plan.costmodel import HardwareProfile, Shape, crossover_tokens, layer_flops
-from flashcomm.plan.crossing import crossover, median_slower, significantly_slower
+from flashcomm.plan.crossing import (
+    crossover,
+    median_slower,
+    monotone_crossover,
+    significantly_slower,
+)
 from flashcomm.plan.deploy import phase_cost
 from flashcomm.plan.strategy import Strategy
 
@@ -50,23 +55,25 @@ def _link(ranks: list[dict], i: int) -> float:
 
 def measured_crossover(tokens: list[int], fc2_s: list[list[float]],
                        stock_s: list[list[float]]) -> dict:
-    """Where fc2's prefill starts to beat stock's, from the sweep's paired rounds at each size
-    (plan.crossing: a size is a loss only when a sign test over its rounds says so; the fit's
-    rule, a median above 1, is the `for_good` reading).
+    """Where fc2's prefill starts to beat stock's, from the sweep's paired rounds at each size,
+    by the planner's own rule (plan.crossing.monotone_crossover: the non-increasing fit of the
+    per-size median ratios reaches 1), interpolated on log T.
     `bound` says whether the value is a point ("at"), or lies outside the sweep ("below" the
-    first size, "above" the last). Two naive readings of the median ratios come with it:
-    `first_win`, where the ratio first drops to 1 or below, and `for_good`, where it drops
-    to 1 or below and stays there whatever the rounds say (None: never)."""
+    first size, "above" the last). Three other readings come with it (None: never):
+    `sign_test`, the first win after the last size that a sign test calls slower;
+    `first_win`, where the median ratio first drops to 1 or below; and `for_good`, where it
+    drops to 1 or below and stays there."""
     diffs = [[f / s - 1.0 for f, s in zip(fr, sr, strict=True)]
              for fr, sr in zip(fc2_s, stock_s, strict=True)]  # ratio - 1 per round
-    naive = {"first_win": crossover(tokens, diffs, lambda _: False),  # no size a loss
-             "for_good": crossover(tokens, diffs, median_slower)}
-    at = crossover(tokens, diffs, significantly_slower)
+    others = {"sign_test": crossover(tokens, diffs, significantly_slower),
+              "first_win": crossover(tokens, diffs, lambda _: False),  # no size a loss
+              "for_good": crossover(tokens, diffs, median_slower)}
+    at = monotone_crossover(tokens, diffs)
     if at is None:
-        return {"tokens": tokens[-1], "bound": "above", "text": f"> {tokens[-1]}", **naive}
+        return {"tokens": tokens[-1], "bound": "above", "text": f"> {tokens[-1]}", **others}
     if at == tokens[0]:  # the first size already wins
-        return {"tokens": tokens[0], "bound": "below", "text": f"<= {tokens[0]}", **naive}
-    return {"tokens": at, "bound": "at", "text": f"{at:.0f}", **naive}
+        return {"tokens": tokens[0], "bound": "below", "text": f"<= {tokens[0]}", **others}
+    return {"tokens": at, "bound": "at", "text": f"{at:.0f}", **others}
 
 
 def _sweep_rows(timing: dict) -> dict | None:

@@ -11,8 +11,9 @@ on a fresh cluster at the same rate. vLLM's CPU SHM
 communicator turns itself off across hosts, so stock's TP all-reduce is gloo over the link.
 
 Workloads: prefill = one prompt of --prompt-tokens tokens, max_tokens=1; generate = --gen-prompts
-short prompts x --gen-tokens greedy tokens. After a warm-up call (tokens kept), --rounds rounds
-call every instance once per workload in a rotating order; a ratio to stock is the median over
+short prompts x --gen-tokens greedy tokens. After a warm-up call (tokens kept) and
+--warmup-rounds untimed rounds, --rounds rounds call every instance once per workload in a
+rotating order; a ratio to stock is the median over
 rounds of time / stock's time in that round; `stock_again` is the A/A control. The bytes of each
 call are read off host 0's link counters (both directions). Then the link is unshaped and stock
 is timed again: share = 1 - t(unshaped) / t(rate) is stock's communication share of its prefill
@@ -178,11 +179,14 @@ def driver(spec: dict[str, Any]) -> None:
                 res[n][f"{k}_tokens"] = [list(o.outputs[0].token_ids) for o in outs]
                 res[n].update({f"{k}_s": [], f"{k}_bytes": [], f"{k}_frames": []})
         alive = [n for n in names if n in llms]
-        for r in range(spec["rounds"]):
+        warmup = spec.get("warmup_rounds", 0)
+        for r in range(warmup + spec["rounds"]):
             for i in range(len(alive)):
                 n = alive[(i + r) % len(alive)]
                 for k, w in work.items():
                     dt, nb, nf, _ = _call(llms[n], w["prompts"], params[k])
+                    if r < warmup:  # stock_again's first timed round ran 15-50 % slow in two runs
+                        continue
                     res[n][f"{k}_s"].append(dt)
                     res[n][f"{k}_bytes"].append(nb)
                     res[n][f"{k}_frames"].append(nf)
@@ -294,6 +298,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gen-prompts", type=int, default=4)
     parser.add_argument("--gen-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds")
+    parser.add_argument("--warmup-rounds", type=int, default=2,
+                        help="untimed rounds before them (every instance, every workload)")
     parser.add_argument("--unshaped-rounds", type=int, default=4,
                         help="stock prefill rounds on the unshaped link (the share)")
     parser.add_argument("--strategies", default=DEFAULT_GROUPS,
@@ -313,6 +319,9 @@ def main(args: argparse.Namespace) -> int:
     if why:
         print(f"vllm_hosts: {why}", file=sys.stderr)
         return 2
+    if args.rounds < 1 or args.warmup_rounds < 0:
+        raise SystemExit(f"--rounds={args.rounds} --warmup-rounds={args.warmup_rounds}: allowed "
+                         "are --rounds >= 1 and --warmup-rounds >= 0")
     groups = [[s for s in g.split(",") if s] for g in args.strategies.split(";") if g]
     for names in groups:
         bad = [s for s in names if s not in STRATEGIES]
@@ -334,7 +343,8 @@ def main(args: argparse.Namespace) -> int:
             spec = {"model": model, "tp": args.tp,
                     "max_len": args.prompt_tokens + args.gen_tokens + 64,
                     "instances": {n: STRATEGIES[n] for n in names}, "work": work,
-                    "rounds": args.rounds, "unshaped_rounds": args.unshaped_rounds if k == 0 else 0,
+                    "rounds": args.rounds, "warmup_rounds": args.warmup_rounds,
+                    "unshaped_rounds": args.unshaped_rounds if k == 0 else 0,
                     "out": str(out / f"rate_{rate:g}" / f"group{k}")}
             with Cluster(hosts=2, rate_mbit=rate,
                          cores=[cores[:half], cores[half:] or cores[:1]]) as c:

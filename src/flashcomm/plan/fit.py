@@ -34,7 +34,7 @@ from flashcomm.plan.costmodel import (
     fit_op,
     layer_calls,
 )
-from flashcomm.plan.crossing import crossover, median_slower
+from flashcomm.plan.crossing import monotone_crossover
 from flashcomm.plan.strategy import Strategy
 
 DEFAULT_ROWS = (1, 16, 256, 1024, 4096)
@@ -89,8 +89,8 @@ def fit_profile(
     follows compute. So each op's alpha is at least its latency right after a decode GEMV
     (in_context_alphas). Last, the crossover: miniature layers of H = D = `layer_width` (default
     `width`; the model's hidden size is best) time FlashComm2 against the row-parallel layer at
-    CROSSOVER_ROWS, and where FlashComm2 wins from then on (plan.crossing, by the medians),
-    the all-gather's alpha is moved so that the alpha-beta model's crossover falls at that T
+    CROSSOVER_ROWS, and where FlashComm2 starts to win (plan.crossing.monotone_crossover), the
+    all-gather's alpha is moved so that the alpha-beta model's crossover falls at that T
     (align_crossover)."""
     if len(rows) < 2 or rounds < 1:
         raise ValueError(f"fit_profile: need >= 2 sizes (rows={rows}) and rounds >= 1")
@@ -146,8 +146,8 @@ def fit_profile(
             per_tp[n][op] = OpCost(max(fitted.alpha_s, after), fitted.bytes_per_s)
     tp = groups.tp.size
     layer_width = layer_width or width
-    extra = layer_extra_s(groups.tp, layer_width, dtype, min(rounds, LAYER_ROUNDS))
-    win = crossover(CROSSOVER_ROWS, extra, median_slower)  # conservative: auto follows it
+    extra = layer_extra_ratio(groups.tp, layer_width, dtype, min(rounds, LAYER_ROUNDS))
+    win = monotone_crossover(CROSSOVER_ROWS, extra)
     if win is not None:
         per_tp[tp] = align_crossover(per_tp[tp], tp, layer_width, dtype, win)
     else:  # no win up to the last row: the model must not put one before it
@@ -165,7 +165,9 @@ def fit_profile(
                 f"rows {list(rows)} x width {width} {str(dtype).removeprefix('torch.')}, "
                 f"{rounds} rounds x {calls} calls, in-context layers at H = D = {layer_width}: "
                 f"FlashComm2 wins from T = {'never' if win is None else f'{win:.0f}'} (rows "
-                f"{list(CROSSOVER_ROWS)}), {time.perf_counter() - t_start:.1f} s"),
+                f"{list(CROSSOVER_ROWS)}, median time ratios "
+                f"{[round(1 + statistics.median(e), 3) for e in extra]}), "
+                f"{time.perf_counter() - t_start:.1f} s"),
     )
 
 
@@ -189,11 +191,11 @@ DECODE_WEIGHT_BYTES = 16 << 20
 the caches, as a layer's QKV or MLP weights are."""
 
 
-def paired_added_s(seq: Sequence[Callable[[], object]], base: Sequence[Callable[[], object]],
-                   rounds: int, calls: int) -> list[float]:
-    """Seconds `seq` takes beyond `base` per pass (negative when faster), one per round: per
-    round, `calls` passes of each after a barrier, the slowest rank's. Collective; every rank
-    gets the same values."""
+def paired_times(seq: Sequence[Callable[[], object]], base: Sequence[Callable[[], object]],
+                 rounds: int, calls: int) -> list[tuple[float, float]]:
+    """(seconds of one pass of `seq`, of one pass of `base`) per round: per round, `calls`
+    passes of each after a barrier, the slowest rank's. Collective; every rank gets the same
+    values."""
     for f in (*seq, *base):
         f()
     pairs = []
@@ -207,8 +209,14 @@ def paired_added_s(seq: Sequence[Callable[[], object]], base: Sequence[Callable[
             pairs.append(time.perf_counter() - t0)
     t = torch.tensor(pairs, dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    both, alone = t.view(rounds, 2).unbind(1)
-    return ((both - alone) / calls).tolist()
+    return [(a / calls, b / calls) for a, b in t.view(rounds, 2).tolist()]
+
+
+def paired_added_s(seq: Sequence[Callable[[], object]], base: Sequence[Callable[[], object]],
+                   rounds: int, calls: int) -> list[float]:
+    """Seconds `seq` takes beyond `base` per pass (negative when faster), one per round
+    (`paired_times`)."""
+    return [a - b for a, b in paired_times(seq, base, rounds, calls)]
 
 
 def _decode_gemv(width: int, dtype: torch.dtype) -> Callable[[], object]:
@@ -228,19 +236,19 @@ def in_context_alphas(ops: dict[str, tuple[float, Callable[[], object]]], width:
 
 
 CROSSOVER_ROWS = (1, 4, 16, 32, 64, 128, 256, 1024)
-"""Token rows at which `layer_extra_s` compares FlashComm2's miniature layer with the
+"""Token rows at which `layer_extra_ratio` compares FlashComm2's miniature layer with the
 row-parallel one: where the crossover lies on links of 0.5-2 Gbit/s."""
 LAYER_ROUNDS = 5
-"""Most rounds of `layer_extra_s` (each round times both miniature layers at every size)."""
+"""Most rounds of `layer_extra_ratio` (each round times both miniature layers at every size)."""
 COMPUTE_ROWS = 128
 """Most rows of the matmuls between a miniature layer's collectives: enough to refill a shaped
 link's bucket, and bounded, so the largest sizes cost communication, not compute."""
 
 
-def layer_extra_s(group: GroupHandle, width: int, dtype: torch.dtype, rounds: int,
-                  rows: tuple[int, ...] = CROSSOVER_ROWS, calls: int = 2) -> list[list[float]]:
-    """Per T in `rows`, one per round: seconds FlashComm2's layer communication takes beyond
-    the row-parallel layer's, each issued as a decoder layer does, between the same matmuls of
+def layer_extra_ratio(group: GroupHandle, width: int, dtype: torch.dtype, rounds: int,
+                      rows: tuple[int, ...] = CROSSOVER_ROWS, calls: int = 2) -> list[list[float]]:
+    """Per T in `rows`, one per round: FlashComm2's layer time over the row-parallel layer's,
+    minus 1, each layer's communication issued as a decoder layer does, between the same matmuls of
     T rows (at most COMPUTE_ROWS) through DECODE_WEIGHT_BYTES (QKV, the MLP: the compute that
     lets a shaped link's bucket refill):
     all-to-all, o_proj, all-gather, MLP all-reduce against o_proj, all-reduce, MLP all-reduce
@@ -267,7 +275,7 @@ def layer_extra_s(group: GroupHandle, width: int, dtype: torch.dtype, rounds: in
 
         fc2 = [layer, a2a, o_proj, ag, layer, ar]
         row_parallel = [layer, o_proj, ar, layer, ar]
-        out.append(paired_added_s(fc2, row_parallel, rounds, calls))
+        out.append([a / b - 1.0 for a, b in paired_times(fc2, row_parallel, rounds, calls)])
     return out
 
 

@@ -10,10 +10,10 @@ grow with T), so the per-size medians are fitted by the closest non-increasing s
 (least squares, pool-adjacent-violators) and the crossover is where that fit first reaches 0,
 interpolated on log T. A size that reads slower between wins is pooled with its neighbours
 instead of deciding alone. Across a 500 Mbit/s link the two paths differ by under 3 % from
-T = 96 to 256; on the sweeps of five runs of `bench hosts` this reading said 25, 29, 26, 23 and
-26, where "the first win after the last median loss" said 242, 168, 28, 168 and 144, and the fit's
-in-context layers under that rule put the planner's crossover anywhere from 11 to 175 in five
-runs (under this one: 23 and 23).
+T = 96 to 256; on the sweeps of six runs of `bench hosts` this reading said 25, 29, 26, 23, 26
+and 22, where "the first win after the last median loss" said 242, 168, 28, 168, 144 and 160,
+and the fit's in-context layers under that rule put the planner's crossover anywhere from 11 to
+175 in five runs (under this one: 23, 23 and 27).
 
 `crossover` takes the caller's rule of what a loss is and answers the first size after the last
 loss whose median difference is <= 0:

@@ -212,13 +212,6 @@ def paired_times(seq: Sequence[Callable[[], object]], base: Sequence[Callable[[]
     return [(a / calls, b / calls) for a, b in t.view(rounds, 2).tolist()]
 
 
-def paired_added_s(seq: Sequence[Callable[[], object]], base: Sequence[Callable[[], object]],
-                   rounds: int, calls: int) -> list[float]:
-    """Seconds `seq` takes beyond `base` per pass (negative when faster), one per round
-    (`paired_times`)."""
-    return [a - b for a, b in paired_times(seq, base, rounds, calls)]
-
-
 def _decode_gemv(width: int, dtype: torch.dtype) -> Callable[[], object]:
     """One decode token's GEMV through DECODE_WEIGHT_BYTES of weight [K, width]."""
     k = max(width, DECODE_WEIGHT_BYTES // (width * torch.finfo(dtype).bits // 8))
@@ -231,8 +224,9 @@ def in_context_alphas(ops: dict[str, tuple[float, Callable[[], object]]], width:
     """op -> seconds one call of `ops` adds right after a decode GEMV (QKV, the MLP), as a
     step issues it. Collective; every rank gets the same values."""
     decode = _decode_gemv(width, dtype)
-    return {op: max(0.0, statistics.median(paired_added_s([decode, fn], [decode], rounds, calls)))
-            for op, (_, fn) in ops.items()}
+    added = {op: [a - b for a, b in paired_times([decode, fn], [decode], rounds, calls)]
+             for op, (_, fn) in ops.items()}  # seconds beyond the GEMV alone, per round
+    return {op: max(0.0, statistics.median(d)) for op, d in added.items()}
 
 
 CROSSOVER_ROWS = (1, 4, 16, 32, 64, 128, 256, 1024)

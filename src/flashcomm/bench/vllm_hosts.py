@@ -20,6 +20,13 @@ is timed again: share = 1 - t(unshaped) / t(rate) is stock's communication share
 (a lower bound: the unshaped veth still costs a little). limit = 1 - share * (1 - bytes_ratio)
 is the best a strategy moving bytes_ratio of stock's link bytes can reach.
 
+Two instances running the same code differ by up to 13 % on the 2-core rig, more than the
+differences being measured. --in-instance removes that offset: fc2 and fc2_int8 get the threshold
+FLASHCOMM2_MIN_TOKENS=--prompt-tokens, and every instance also prefills the prompt one token
+shorter (workload prefill_below), which takes vLLM's own GEMM and all-reduce there. The ratio of
+the two in each round is FlashComm2 against the all-reduce inside one instance; stock's own ratio
+is the control for the one token.
+
     sudo .venv-vllm/bin/python -m flashcomm.bench.vllm_hosts --out results/vllm_hosts
 """
 
@@ -142,6 +149,17 @@ def _facts(worker: Any) -> dict[str, Any]:
                                   "o_proj_fc2_calls", "resident_o_proj_bytes")}
 
 
+def exact_prompts(llm: Any, w: dict[str, Any]) -> list:
+    """A workload's prompts; where it names `tokens`, its one text cut to exactly that many
+    token ids of the model's tokenizer (the threshold of --in-instance sits between two)."""
+    if not w.get("tokens"):
+        return w["prompts"]
+    ids = llm.get_tokenizer().encode(w["prompts"][0])
+    if len(ids) < w["tokens"]:
+        raise ValueError(f"the prompt text gives {len(ids)} tokens, fewer than {w['tokens']}")
+    return [{"prompt_token_ids": ids[:w["tokens"]]}]
+
+
 def _ask(what: str) -> None:
     """Ask the orchestrator for `what` and wait for its answer on stdin."""
     print(f"{MARK} {what}", flush=True)
@@ -159,6 +177,7 @@ def driver(spec: dict[str, Any]) -> None:
     params = {k: SamplingParams(temperature=0.0, max_tokens=w["max_tokens"], ignore_eos=True)
               for k, w in work.items()}
     res: dict[str, dict[str, Any]] = {n: {} for n in names}
+    prompts: dict[str, list] | None = None
     out = Path(spec["out"]) / "driver.json"
     with contextlib.ExitStack() as stack:
         llms = {}
@@ -174,17 +193,21 @@ def driver(spec: dict[str, Any]) -> None:
                 print(f"{MARK} failed {n}: {traceback.format_exc()}", flush=True)
                 continue
             res[n]["startup_s"] = time.perf_counter() - t0
-            for k, w in work.items():
-                outs = _call(llms[n], w["prompts"], params[k])[3]
+            if prompts is None:  # the tokenizer is the model's, the same in every instance
+                prompts = {k: exact_prompts(llms[n], w) for k, w in work.items()}
+            for k in work:
+                outs = _call(llms[n], prompts[k], params[k])[3]
                 res[n][f"{k}_tokens"] = [list(o.outputs[0].token_ids) for o in outs]
+                res[n][f"{k}_prompt_tokens"] = [len(o.prompt_token_ids) for o in outs]
                 res[n].update({f"{k}_s": [], f"{k}_bytes": [], f"{k}_frames": []})
         alive = [n for n in names if n in llms]
-        warmup = spec.get("warmup_rounds", 0)
+        warmup, kinds = spec.get("warmup_rounds", 0), list(work)
         for r in range(warmup + spec["rounds"]):
             for i in range(len(alive)):
                 n = alive[(i + r) % len(alive)]
-                for k, w in work.items():
-                    dt, nb, nf, _ = _call(llms[n], w["prompts"], params[k])
+                for j in range(len(kinds)):  # workloads rotate too: none always runs first
+                    k = kinds[(j + r) % len(kinds)]
+                    dt, nb, nf, _ = _call(llms[n], prompts[k], params[k])
                     if r < warmup:  # stock_again's first timed round ran 15-50 % slow in two runs
                         continue
                     res[n][f"{k}_s"].append(dt)
@@ -198,7 +221,7 @@ def driver(spec: dict[str, Any]) -> None:
             for r in range(spec["unshaped_rounds"]):
                 for n in controls[r % 2:] + controls[:r % 2]:
                     res[n]["prefill_unshaped_s"].append(
-                        _call(llms[n], work["prefill"]["prompts"], params["prefill"])[0])
+                        _call(llms[n], prompts["prefill"], params["prefill"])[0])
         for n in alive:
             if STRATEGIES.get(n) or spec["instances"][n]:
                 res[n]["facts"] = llms[n].collective_rpc(_facts)
@@ -273,15 +296,31 @@ def run_instances(cluster: Any, spec: dict[str, Any], timeout: float) -> dict[st
     return json.loads(result.read_text())
 
 
-def workloads(prompt_tokens: int, gen_prompts: int, gen_tokens: int) -> dict[str, Any]:
-    """Prefill: one prompt of prompt_tokens tokens (BOS included); generate: short prompts."""
+def workloads(prompt_tokens: int, gen_prompts: int, gen_tokens: int,
+              in_instance: bool = False) -> dict[str, Any]:
+    """Prefill: one prompt of exactly prompt_tokens tokens (exact_prompts cuts the text; the
+    random Llama's tokenizer has a token per word); generate: short prompts; with in_instance,
+    prefill_below: the same prompt one token shorter."""
     from flashcomm.bench.vllm_prefill import WORDS
 
-    long = " ".join(WORDS[(7 * j + 3) % len(WORDS)] for j in range(prompt_tokens - 1))
+    text = " ".join(WORDS[(7 * j + 3) % len(WORDS)] for j in range(prompt_tokens))
     short = [" ".join(WORDS[(11 * p + 3 * j) % len(WORDS)] for j in range(8 + 4 * p))
              for p in range(gen_prompts)]
-    return {"prefill": {"prompts": [long], "max_tokens": 1},
+    work = {"prefill": {"prompts": [text], "tokens": prompt_tokens, "max_tokens": 1},
             "generate": {"prompts": short, "max_tokens": gen_tokens}}
+    if in_instance:
+        work["prefill_below"] = {"prompts": [text], "tokens": prompt_tokens - 1, "max_tokens": 1}
+    return work
+
+
+def strategy_env(name: str, prompt_tokens: int, in_instance: bool) -> dict[str, str]:
+    """The FLASHCOMM* knobs of one strategy; with in_instance, FlashComm2 without a threshold
+    of its own gets FLASHCOMM2_MIN_TOKENS=prompt_tokens, so that its prefill takes FlashComm2
+    and prefill_below (one token fewer) vLLM's all-reduce, in the same instance."""
+    env = dict(STRATEGIES[name])
+    if in_instance and env.get("FLASHCOMM2_PARALLEL_SIZE") and "FLASHCOMM2_MIN_TOKENS" not in env:
+        env["FLASHCOMM2_MIN_TOKENS"] = str(prompt_tokens)
+    return env
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -307,6 +346,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"{list(STRATEGIES)}, each starting with stock: the instances of a group "
                         "are alive together (a TP=4 instance holds ~3.8 GB over the 2 hosts: "
                         "at most 3 per group on 24 GB)")
+    parser.add_argument("--in-instance", action="store_true",
+                        help="fc2 and fc2_int8 take FlashComm2 from --prompt-tokens tokens on, "
+                        "and every instance also prefills a prompt one token shorter (vLLM's "
+                        "all-reduce below that threshold): FlashComm2 against the all-reduce "
+                        "inside one instance, free of the offset between instances")
     parser.add_argument("--timeout", type=float, default=3000, help="seconds per rate")
 
 
@@ -332,7 +376,7 @@ def main(args: argparse.Namespace) -> int:
     model = args.model or str(build_random_llama(
         out / "model", layers=args.layers, hidden=args.hidden, heads=args.heads,
         kv_heads=args.heads // 2, head_dim=args.head_dim, intermediate=args.hidden * 2))
-    work = workloads(args.prompt_tokens, args.gen_prompts, args.gen_tokens)
+    work = workloads(args.prompt_tokens, args.gen_prompts, args.gen_tokens, args.in_instance)
     report: dict[str, Any] = {"args": vars(args), "model": model, "rates": {}}
     cores = sorted(os.sched_getaffinity(0))
     half = max(1, len(cores) // 2)
@@ -342,7 +386,8 @@ def main(args: argparse.Namespace) -> int:
         for k, names in enumerate(groups):  # the first group measures the share
             spec = {"model": model, "tp": args.tp,
                     "max_len": args.prompt_tokens + args.gen_tokens + 64,
-                    "instances": {n: STRATEGIES[n] for n in names}, "work": work,
+                    "instances": {n: strategy_env(n, args.prompt_tokens, args.in_instance)
+                                  for n in names}, "work": work,
                     "rounds": args.rounds, "warmup_rounds": args.warmup_rounds,
                     "unshaped_rounds": args.unshaped_rounds if k == 0 else 0,
                     "out": str(out / f"rate_{rate:g}" / f"group{k}")}

@@ -34,13 +34,36 @@ def summarize(res: dict[str, Any], share: float | None = None) -> dict[str, Any]
             flat = [(x == y) for a, b in zip(r[f"{k}_tokens"], stock[f"{k}_tokens"], strict=True)
                     for x, y in zip(a, b, strict=True)]
             row[f"{k}_token_agreement"] = sum(flat) / len(flat)
+        if r.get("prefill_below_s"):
+            row.update(in_instance(r, share))
         if share is not None:
             row["limit"] = 1 - share * (1 - row["prefill_bytes_ratio"])
             row["prefill_vs_limit"] = row["prefill_ratio"] - row["limit"]
         row["facts"] = r.get("facts")
+        if row["facts"]:  # fewest FlashComm2 o_proj calls of any rank: 0 = it never ran
+            row["fc2_o_proj_calls"] = min(f.get("o_proj_fc2_calls") or 0 for f in row["facts"])
         rows[n] = row
     return {"stock_comm_share": share, "strategies": rows}
 
+
+def in_instance(r: dict[str, Any], share: float | None) -> dict[str, Any]:
+    """One instance's prefill (T tokens) against its prefill_below (T - 1) in the same round:
+    FlashComm2 against vLLM's all-reduce where the threshold is T, the one-token control in
+    stock; its link bytes ratio and the limit that gives."""
+    per = [t / b for t, b in zip(r["prefill_s"], r["prefill_below_s"], strict=True)]
+    out: dict[str, Any] = {
+        "in_instance_ratio": statistics.median(per),
+        "in_instance_ratio_range": [min(per), max(per)],
+        "in_instance_ratio_quartiles": statistics.quantiles(per, n=4)[::2] if len(per) > 1
+        else [per[0], per[0]],
+        "in_instance_bytes_ratio": statistics.median(r["prefill_bytes"])
+        / statistics.median(r["prefill_below_bytes"]),
+        "in_instance_prompt_tokens": [r.get("prefill_prompt_tokens"),
+                                      r.get("prefill_below_prompt_tokens")]}
+    if share is not None:
+        out["in_instance_limit"] = 1 - share * (1 - out["in_instance_bytes_ratio"])
+        out["in_instance_vs_limit"] = out["in_instance_ratio"] - out["in_instance_limit"]
+    return out
 
 
 def print_rate(rate: float, r: dict[str, Any]) -> None:
@@ -57,6 +80,14 @@ def print_rate(rate: float, r: dict[str, Any]) -> None:
               f"  generate {row['generate_median_s'] * 1e3:8.1f} ms x{row['generate_ratio']:.3f}"
               f"  same tokens {row['prefill_same_tokens'] and row['generate_same_tokens']}"
               f" agreement {row['generate_token_agreement']:.3f}")
+        if "in_instance_ratio" in row:
+            q1, q3 = row["in_instance_ratio_quartiles"]
+            print(f"{'':12s} in instance: T / T-1 x{row['in_instance_ratio']:.3f} "
+                  f"(quartiles {q1:.3f}-{q3:.3f}) bytes "
+                  f"x{row['in_instance_bytes_ratio']:.3f} limit "
+                  f"{row.get('in_instance_limit', float('nan')):.3f}  prompt tokens "
+                  f"{row['in_instance_prompt_tokens']}  FlashComm2 o_proj calls "
+                  f"{row.get('fc2_o_proj_calls', 'n/a')}")
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from flashcomm.bench.vllm_hosts_report import summarize
+from flashcomm.bench.vllm_hosts_report import stock_share, summarize
 
 
 def instance(prefill: list[float], below: list[float], nbytes: int, below_bytes: int) -> dict:
@@ -49,3 +49,12 @@ def test_no_in_instance_rows_without_prefill_below():
     rows = summarize({"stock": stock}, share=0.5)["strategies"]
     assert "in_instance_ratio" not in rows["stock"]
     assert rows["stock"]["limit"] == pytest.approx(1.0)
+
+
+def test_share_pairs_each_unshaped_prefill_with_its_shaped_neighbour():
+    # the machine slows down over the rounds: paired, the share stays 0.25 in every round
+    stock = {"prefill_s": [1.0] * 3, "prefill_shaped_s": [1.0, 2.0, 4.0],
+             "prefill_unshaped_s": [0.75, 1.5, 3.0]}
+    assert stock_share(stock) == pytest.approx(0.25)
+    del stock["prefill_shaped_s"]  # an older run: medians of the timed rounds and unshaped
+    assert stock_share(stock) == pytest.approx(1 - 1.5)

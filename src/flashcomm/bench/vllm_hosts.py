@@ -15,10 +15,12 @@ short prompts x --gen-tokens greedy tokens. After a warm-up call (tokens kept) a
 --warmup-rounds untimed rounds, --rounds rounds call every instance once per workload in a
 rotating order; a ratio to stock is the median over
 rounds of time / stock's time in that round; `stock_again` is the A/A control. The bytes of each
-call are read off host 0's link counters (both directions). Then the link is unshaped and stock
-is timed again: share = 1 - t(unshaped) / t(rate) is stock's communication share of its prefill
-(a lower bound: the unshaped veth still costs a little). limit = 1 - share * (1 - bytes_ratio)
-is the best a strategy moving bytes_ratio of stock's link bytes can reach.
+call are read off host 0's link counters (both directions). Then --unshaped-rounds rounds time
+stock's prefill on the unshaped link next to one on the shaped link (the orchestrator switches
+the shaping between them): share = 1 - median over rounds of t(unshaped) / t(rate) is stock's
+communication share of its prefill (a lower bound: the unshaped veth still costs a little).
+limit = 1 - share * (1 - bytes_ratio) is the best a strategy moving bytes_ratio of stock's link
+bytes can reach.
 
 Two instances running the same code differ by up to 13 % on the 2-core rig, more than the
 differences being measured. --in-instance removes that offset: fc2 and fc2_int8 get the threshold
@@ -215,13 +217,14 @@ def driver(spec: dict[str, Any]) -> None:
                     res[n][f"{k}_frames"].append(nf)
         controls = [n for n in ("stock", "stock_again") if n in llms]
         if spec.get("unshaped_rounds") and controls:
-            _ask("unshape")
-            for n in controls:
-                res[n]["prefill_unshaped_s"] = []
+            for n in controls:  # paired: each unshaped prefill next to a shaped one
+                res[n]["prefill_unshaped_s"], res[n]["prefill_shaped_s"] = [], []
             for r in range(spec["unshaped_rounds"]):
-                for n in controls[r % 2:] + controls[:r % 2]:
-                    res[n]["prefill_unshaped_s"].append(
-                        _call(llms[n], prompts["prefill"], params["prefill"])[0])
+                for shaped in (r % 2 == 1, r % 2 == 0):  # which one first alternates
+                    _ask("shape" if shaped else "unshape")
+                    for n in controls[r % 2:] + controls[:r % 2]:
+                        res[n]["prefill_shaped_s" if shaped else "prefill_unshaped_s"].append(
+                            _call(llms[n], prompts["prefill"], params["prefill"])[0])
         for n in alive:
             if STRATEGIES.get(n) or spec["instances"][n]:
                 res[n]["facts"] = llms[n].collective_rpc(_facts)
@@ -263,9 +266,10 @@ def run_instances(cluster: Any, spec: dict[str, Any], timeout: float) -> dict[st
                 if not line.startswith(MARK):
                     continue
                 what = line.split()[1:]
-                if what[:1] == ["unshape"]:
+                if what[:1] in (["unshape"], ["shape"]):
                     for i in range(2):
-                        cluster.set_rate(i, UNSHAPED_MBIT)
+                        cluster.set_rate(i, UNSHAPED_MBIT if what[0] == "unshape"
+                                         else cluster.rate_mbit)
                 elif what[:1] == ["start"]:
                     name = what[1]
                     procs.append(cluster.popen(
@@ -339,8 +343,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds")
     parser.add_argument("--warmup-rounds", type=int, default=2,
                         help="untimed rounds before them (every instance, every workload)")
-    parser.add_argument("--unshaped-rounds", type=int, default=4,
-                        help="stock prefill rounds on the unshaped link (the share)")
+    parser.add_argument("--unshaped-rounds", type=int, default=6,
+                        help="rounds of a stock prefill on the unshaped link next to one on the "
+                        "shaped link (the share)")
     parser.add_argument("--strategies", default=DEFAULT_GROUPS,
                         help=f"groups separated by ';' of comma-separated names from "
                         f"{list(STRATEGIES)}, each starting with stock: the instances of a group "
@@ -363,9 +368,10 @@ def main(args: argparse.Namespace) -> int:
     if why:
         print(f"vllm_hosts: {why}", file=sys.stderr)
         return 2
-    if args.rounds < 1 or args.warmup_rounds < 0:
-        raise SystemExit(f"--rounds={args.rounds} --warmup-rounds={args.warmup_rounds}: allowed "
-                         "are --rounds >= 1 and --warmup-rounds >= 0")
+    if args.rounds < 1 or args.warmup_rounds < 0 or args.unshaped_rounds < 0:
+        raise SystemExit(f"--rounds={args.rounds} --warmup-rounds={args.warmup_rounds} "
+                         f"--unshaped-rounds={args.unshaped_rounds}: allowed are --rounds >= 1, "
+                         "--warmup-rounds >= 0 and --unshaped-rounds >= 0")
     groups = [[s for s in g.split(",") if s] for g in args.strategies.split(";") if g]
     for names in groups:
         bad = [s for s in names if s not in STRATEGIES]

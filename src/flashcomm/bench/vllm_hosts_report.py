@@ -13,8 +13,7 @@ def summarize(res: dict[str, Any], share: float | None = None) -> dict[str, Any]
     given from another group of the same link), limit, tokens."""
     stock = res["stock"]
     if stock.get("prefill_unshaped_s"):
-        share = 1 - statistics.median(stock["prefill_unshaped_s"]) / statistics.median(
-            stock["prefill_s"])
+        share = stock_share(stock)
     rows = {}
     for n, r in res.items():
         if "error" in r or not r.get("prefill_s"):
@@ -44,6 +43,17 @@ def summarize(res: dict[str, Any], share: float | None = None) -> dict[str, Any]
             row["fc2_o_proj_calls"] = min(f.get("o_proj_fc2_calls") or 0 for f in row["facts"])
         rows[n] = row
     return {"stock_comm_share": share, "strategies": rows}
+
+
+def stock_share(stock: dict[str, Any]) -> float:
+    """Stock's communication share of its prefill: 1 - median over rounds of unshaped / shaped
+    time, paired per round (older runs without the paired shaped prefills: the medians)."""
+    if stock.get("prefill_shaped_s"):
+        per = [u / s for u, s in zip(stock["prefill_unshaped_s"], stock["prefill_shaped_s"],
+                                     strict=True)]
+        return 1 - statistics.median(per)
+    return 1 - statistics.median(stock["prefill_unshaped_s"]) / statistics.median(
+        stock["prefill_s"])
 
 
 def in_instance(r: dict[str, Any], share: float | None) -> dict[str, Any]:

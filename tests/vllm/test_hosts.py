@@ -54,11 +54,13 @@ def runs(tmp_path_factory) -> dict:
     out = {}
     with Cluster(hosts=2, rate_mbit=1000) as cluster:
         for tp, instances, port in ((4, TP4, 29600), (2, TP2, 29700)):
+            # TP=2 also measures the share: one stock prefill unshaped, one shaped again
             spec = {"model": str(model), "tp": tp, "max_len": 128, "instances": instances,
-                    "work": work, "rounds": 1, "unshaped_rounds": 0, "base_port": port,
+                    "work": work, "rounds": 1, "unshaped_rounds": int(tp == 2), "base_port": port,
                     "out": str(tmp / f"tp{tp}")}
             raw = vllm_hosts.run_instances(cluster, spec, timeout=900)
             out[tp] = {"raw": raw, "summary": summarize(raw)["strategies"],
+                       "share": summarize(raw)["stock_comm_share"],
                        "log": (tmp / f"tp{tp}" / "host0.log").read_text()}
     return out
 
@@ -94,3 +96,13 @@ def test_hosts_plugin_ran_on_every_rank(runs):
     assert all(f["o_proj_calls"] > f["o_proj_fc2_calls"] for f in gather)  # decode: row path
     auto = raw["auto"]["facts"]
     assert len({f["flashcomm2_min_tokens"] for f in auto}) == 1  # one threshold on every rank
+
+
+@pytest.mark.timeout(1200)
+def test_hosts_share_from_paired_rounds(runs):
+    # the orchestrator unshaped the link for one prefill and shaped it again for the next
+    stock = runs[2]["raw"]["stock"]
+    assert len(stock["prefill_unshaped_s"]) == len(stock["prefill_shaped_s"]) == 1
+    assert runs[2]["share"] == pytest.approx(
+        1 - stock["prefill_unshaped_s"][0] / stock["prefill_shaped_s"][0])
+    assert runs[2]["share"] < 1 and runs[4]["share"] is None

@@ -147,8 +147,8 @@ def _facts(worker: Any) -> dict[str, Any]:
     from flashcomm.vllm import worker_report
 
     r = worker_report(worker)
-    return {k: r.get(k) for k in ("rank", "flashcomm2_min_tokens", "impl", "o_proj_calls",
-                                  "o_proj_fc2_calls", "resident_o_proj_bytes")}
+    return {k: r.get(k) for k in ("rank", "flashcomm2_min_tokens", "impl", "impl_seconds",
+                                  "o_proj_calls", "o_proj_fc2_calls", "resident_o_proj_bytes")}
 
 
 def exact_prompts(llm: Any, w: dict[str, Any]) -> list:

@@ -30,6 +30,17 @@ def test_in_instance_reads_each_instance_against_itself():
     assert rows["fc2"]["in_instance_vs_limit"] == pytest.approx(0.0)
     assert rows["fc2"]["in_instance_prompt_tokens"] == [[64], [63]]
     assert rows["stock"]["in_instance_ratio"] == pytest.approx(1.0)  # the one-token control
+    assert rows["fc2"]["in_instance_vs_control"] == pytest.approx(0.8)
+
+
+def test_in_instance_over_stock_control():
+    # T = 2048 runs 5 % slower than T - 1 on the all-reduce path too: the control divides it out
+    stock = instance([1.05] * 3, [1.0] * 3, 1000, 1000)
+    fc2 = instance([0.84] * 3, [1.0] * 3, 500, 1000)
+    rows = summarize({"stock": stock, "fc2": fc2}, share=0.4)["strategies"]
+    assert rows["stock"]["in_instance_ratio"] == pytest.approx(1.05)
+    assert rows["fc2"]["in_instance_vs_control"] == pytest.approx(0.8)
+    assert rows["fc2"]["in_instance_vs_control_minus_limit"] == pytest.approx(0.0)
 
 
 def test_in_instance_median_over_rounds_and_no_limit_without_share():

@@ -62,6 +62,8 @@ DEFAULT_GROUPS = "stock,stock_again,fc2_int8;stock,fc2,auto;stock,auto_gather"
 """Instances alive together: ratios are to the stock instance of the same group."""
 MARK = "@@vllm_hosts"
 """Prefix of the driver's requests to the orchestrator on stdout (vLLM logs share the stream)."""
+COUNTS = ("bytes", "frames", "retrans")
+"""What each timed call records off host 0 besides its time (_link_counts)."""
 BASE_PORT = 29600
 UNSHAPED_MBIT = 100_000.0
 """'Unshaped': tbf at 100 Gbit/s, far above what the veth carries."""
@@ -119,28 +121,30 @@ def headless(spec: dict[str, Any], name: str) -> None:
 
 # ---- host 0: the engines, the rounds ----------------------------------------------------------
 
-def _link_bytes() -> tuple[int, int]:
-    """(bytes, frames) through this host's link so far, both directions."""
+def _link_counts() -> tuple[int, int, int]:
+    """(bytes, frames, TCP segments retransmitted) through this host's link so far, both
+    directions; the TCP counter is this network namespace's (/proc/net/snmp), i.e. the host's."""
     from flashcomm.bench.cluster import IFACE
 
     base = Path("/sys/class/net") / IFACE / "statistics"
     read = [int((base / f).read_text()) for f in ("tx_bytes", "rx_bytes", "tx_packets",
                                                   "rx_packets")]
-    return read[0] + read[1], read[2] + read[3]
+    names, values = [ln.split() for ln in Path("/proc/net/snmp").read_text().splitlines()
+                     if ln.startswith("Tcp:")]
+    return read[0] + read[1], read[2] + read[3], int(values[names.index("RetransSegs")])
 
 
-def _call(llm: Any, prompts: list[str], params: Any) -> tuple[float, int, int, list]:
-    """One generate(): seconds, link bytes, link frames, outputs (after the other instances'
-    workers have stopped polling)."""
+def _call(llm: Any, prompts: list[str], params: Any) -> tuple[float, list[int], list]:
+    """One generate(): seconds, what it added to the link counts (_link_counts), outputs
+    (after the other instances' workers have stopped polling)."""
     from flashcomm.bench.vllm_prefill import settle
 
     settle()
-    b0, f0 = _link_bytes()
+    c0 = _link_counts()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     dt = time.perf_counter() - t0
-    b1, f1 = _link_bytes()
-    return dt, b1 - b0, f1 - f0, outs
+    return dt, [b - a for a, b in zip(c0, _link_counts(), strict=True)], outs
 
 
 def _facts(worker: Any) -> dict[str, Any]:
@@ -198,10 +202,10 @@ def driver(spec: dict[str, Any]) -> None:
             if prompts is None:  # the tokenizer is the model's, the same in every instance
                 prompts = {k: exact_prompts(llms[n], w) for k, w in work.items()}
             for k in work:
-                outs = _call(llms[n], prompts[k], params[k])[3]
+                outs = _call(llms[n], prompts[k], params[k])[2]
                 res[n][f"{k}_tokens"] = [list(o.outputs[0].token_ids) for o in outs]
                 res[n][f"{k}_prompt_tokens"] = [len(o.prompt_token_ids) for o in outs]
-                res[n].update({f"{k}_s": [], f"{k}_bytes": [], f"{k}_frames": []})
+                res[n].update({f"{k}_{m}": [] for m in ("s", *COUNTS)})
         alive = [n for n in names if n in llms]
         warmup, kinds = spec.get("warmup_rounds", 0), list(work)
         for r in range(warmup + spec["rounds"]):
@@ -209,12 +213,12 @@ def driver(spec: dict[str, Any]) -> None:
                 n = alive[(i + r) % len(alive)]
                 for j in range(len(kinds)):  # workloads rotate too: none always runs first
                     k = kinds[(j + r) % len(kinds)]
-                    dt, nb, nf, _ = _call(llms[n], prompts[k], params[k])
+                    dt, counts, _ = _call(llms[n], prompts[k], params[k])
                     if r < warmup:  # stock_again's first timed round ran 15-50 % slow in two runs
                         continue
                     res[n][f"{k}_s"].append(dt)
-                    res[n][f"{k}_bytes"].append(nb)
-                    res[n][f"{k}_frames"].append(nf)
+                    for m, v in zip(COUNTS, counts, strict=True):
+                        res[n][f"{k}_{m}"].append(v)
         controls = [n for n in ("stock", "stock_again") if n in llms]
         if spec.get("unshaped_rounds") and controls:
             for n in controls:  # paired: each unshaped prefill next to a shaped one

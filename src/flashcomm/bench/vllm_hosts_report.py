@@ -26,6 +26,8 @@ def summarize(res: dict[str, Any], share: float | None = None) -> dict[str, Any]
             row[f"{k}_ratio_range"] = [min(per), max(per)]
             row[f"{k}_median_s"] = statistics.median(r[f"{k}_s"])
             row[f"{k}_link_bytes"] = statistics.median(r[f"{k}_bytes"])
+            if r.get(f"{k}_retrans"):  # TCP segments host 0 sent again (runs after 2026-12-07)
+                row[f"{k}_retrans"] = statistics.median(r[f"{k}_retrans"])
             row[f"{k}_bytes_ratio"] = row[f"{k}_link_bytes"] / statistics.median(
                 stock[f"{k}_bytes"])
             same = [a == b for a, b in zip(r[f"{k}_tokens"], stock[f"{k}_tokens"], strict=True)]
@@ -38,6 +40,13 @@ def summarize(res: dict[str, Any], share: float | None = None) -> dict[str, Any]
         if share is not None:
             row["limit"] = 1 - share * (1 - row["prefill_bytes_ratio"])
             row["prefill_vs_limit"] = row["prefill_ratio"] - row["limit"]
+        if "in_instance_ratio" in row and res["stock"].get("prefill_below_s"):
+            # stock's own T / T-1 (both its all-reduce) is the control for the one token
+            control = in_instance(res["stock"], share)["in_instance_ratio"]
+            row["in_instance_vs_control"] = row["in_instance_ratio"] / control
+            if share is not None:
+                row["in_instance_vs_control_minus_limit"] = (row["in_instance_vs_control"]
+                                                             - row["in_instance_limit"])
         row["facts"] = r.get("facts")
         if row["facts"]:  # fewest FlashComm2 o_proj calls of any rank: 0 = it never ran
             row["fc2_o_proj_calls"] = min(f.get("o_proj_fc2_calls") or 0 for f in row["facts"])
@@ -95,7 +104,8 @@ def print_rate(rate: float, r: dict[str, Any]) -> None:
             print(f"{'':12s} in instance: T / T-1 x{row['in_instance_ratio']:.3f} "
                   f"(quartiles {q1:.3f}-{q3:.3f}) bytes "
                   f"x{row['in_instance_bytes_ratio']:.3f} limit "
-                  f"{row.get('in_instance_limit', float('nan')):.3f}  prompt tokens "
+                  f"{row.get('in_instance_limit', float('nan')):.3f}  over stock's control "
+                  f"x{row['in_instance_vs_control']:.3f}  prompt tokens "
                   f"{row['in_instance_prompt_tokens']}  FlashComm2 o_proj calls "
                   f"{row.get('fc2_o_proj_calls', 'n/a')}")
 

@@ -1,5 +1,6 @@
 """The report of flashcomm.bench.vllm_hosts: ratios to stock, link bytes, share and limit per
-strategy (summarize), one line per strategy (print_rate), and the plot against the link rate."""
+strategy, and with --in-instance each instance's FlashComm2 prefill against its own all-reduce
+one (summarize), one line per strategy (print_rate), and the plot against the link rate."""
 
 from __future__ import annotations
 

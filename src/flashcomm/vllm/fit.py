@@ -33,9 +33,8 @@ ROWS = (1, 16, 128, 1024, 4096)
 """Step sizes T sampled: decode-sized ones fix alpha, prefill-sized ones the bandwidth."""
 CHOICE_ROWS = (16, 4096)
 """Step sizes at which the two implementations of an op are compared (choose_impl): a decode
-step, and a prefill step capped by max_num_batched_tokens. At 100 Mbit/s across hosts the two
-all-gathers were close at 1024 rows and vLLM's was kept; at the 2048-row prefills that followed
-our pieces ran faster (FlashComm2 + int8 at 0.80x stock with ours, 0.88x with vLLM's)."""
+step, and a prefill step as large as the largest vLLM schedules (max_num_batched_tokens, at most
+4096 rows), so the prefill-sized sample is the size FlashComm2 steps really run at."""
 
 
 def _sync(device: torch.device) -> None:

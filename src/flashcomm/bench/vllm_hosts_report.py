@@ -99,7 +99,8 @@ def print_rate(rate: float, r: dict[str, Any]) -> None:
               f" bytes x{row['prefill_bytes_ratio']:.3f} limit {row.get('limit', float('nan')):.3f}"
               f"  generate {row['generate_median_s'] * 1e3:8.1f} ms x{row['generate_ratio']:.3f}"
               f"  same tokens {row['prefill_same_tokens'] and row['generate_same_tokens']}"
-              f" agreement {row['generate_token_agreement']:.3f}")
+              f" agreement {row['generate_token_agreement']:.3f}"
+              f"  TCP retransmits per prefill {row.get('prefill_retrans', 'n/a')}")
         if "in_instance_ratio" in row:
             q1, q3 = row["in_instance_ratio_quartiles"]
             print(f"{'':12s} in instance: T / T-1 x{row['in_instance_ratio']:.3f} "

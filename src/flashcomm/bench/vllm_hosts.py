@@ -372,10 +372,12 @@ def main(args: argparse.Namespace) -> int:
     if why:
         print(f"vllm_hosts: {why}", file=sys.stderr)
         return 2
-    if args.rounds < 1 or args.warmup_rounds < 0 or args.unshaped_rounds < 0:
+    if (args.rounds < 1 or args.warmup_rounds < 0 or args.unshaped_rounds < 0
+            or args.prompt_tokens < 2):
         raise SystemExit(f"--rounds={args.rounds} --warmup-rounds={args.warmup_rounds} "
-                         f"--unshaped-rounds={args.unshaped_rounds}: allowed are --rounds >= 1, "
-                         "--warmup-rounds >= 0 and --unshaped-rounds >= 0")
+                         f"--unshaped-rounds={args.unshaped_rounds} --prompt-tokens="
+                         f"{args.prompt_tokens}: allowed are --rounds >= 1, --warmup-rounds >= 0, "
+                         "--unshaped-rounds >= 0 and --prompt-tokens >= 2")
     groups = [[s for s in g.split(",") if s] for g in args.strategies.split(";") if g]
     for names in groups:
         bad = [s for s in names if s not in STRATEGIES]

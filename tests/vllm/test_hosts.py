@@ -21,12 +21,12 @@ import pytest
 # "vllm" alone would resolve to this tests/vllm directory when vLLM is not installed
 pytest.importorskip("vllm.config", reason="vllm not installed; run make test-vllm")
 
-from flashcomm.bench import vllm_hosts  # noqa: E402
+from flashcomm.bench import vllm_hosts, vllm_hosts_work  # noqa: E402
 from flashcomm.bench.cluster import Cluster, unavailable  # noqa: E402
 from flashcomm.bench.vllm_hosts_report import summarize  # noqa: E402
 
 HERE = Path(__file__).parent
-FC2 = vllm_hosts.FC2
+FC2 = vllm_hosts_work.FC2
 TP4 = {
     "stock": {},
     "fc2": FC2,

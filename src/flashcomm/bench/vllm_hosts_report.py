@@ -15,6 +15,9 @@ def summarize(res: dict[str, Any], share: float | None = None) -> dict[str, Any]
     stock = res["stock"]
     if stock.get("prefill_unshaped_s"):
         share = stock_share(stock)
+    # stock's own T / T-1 (both its all-reduce) is the control for the one token
+    control = (in_instance(stock, share)["in_instance_ratio"] if stock.get("prefill_below_s")
+               else None)
     rows = {}
     for n, r in res.items():
         if "error" in r or not r.get("prefill_s"):
@@ -41,9 +44,7 @@ def summarize(res: dict[str, Any], share: float | None = None) -> dict[str, Any]
         if share is not None:
             row["limit"] = 1 - share * (1 - row["prefill_bytes_ratio"])
             row["prefill_vs_limit"] = row["prefill_ratio"] - row["limit"]
-        if "in_instance_ratio" in row and res["stock"].get("prefill_below_s"):
-            # stock's own T / T-1 (both its all-reduce) is the control for the one token
-            control = in_instance(res["stock"], share)["in_instance_ratio"]
+        if "in_instance_ratio" in row and control is not None:
             row["in_instance_vs_control"] = row["in_instance_ratio"] / control
             if share is not None:
                 row["in_instance_vs_control_minus_limit"] = (row["in_instance_vs_control"]

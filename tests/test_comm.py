@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from flashcomm import comm
 from flashcomm.comm import (
@@ -56,11 +57,18 @@ def _cases(n: int):
                     yield otp, t, fc1, dt
 
 
+def _two_hosts(h: GroupHandle) -> GroupHandle:
+    """The handle with its members placed on two hosts by global rank (the first half of the
+    world on host 0; uneven at odd world sizes): comm.py then takes its cross-host primitives
+    (blocks in pieces, each crossing to the other host once) over loopback too."""
+    world = dist.get_world_size()
+    return replace(h, member_hosts=tuple(2 * g // world for g in h.ranks))
+
+
 def _as_across_hosts(groups: ParallelGroups) -> ParallelGroups:
-    """The same groups with every handle marked as spanning hosts: comm.py then takes its
-    cross-host primitives (blocks in pieces) over loopback too."""
+    """The same groups with every handle's members on two hosts (`_two_hosts`)."""
     def mark(h: GroupHandle | None) -> GroupHandle | None:
-        return None if h is None else replace(h, spans_hosts=True)
+        return None if h is None else _two_hosts(h)
 
     return replace(groups, tp=mark(groups.tp), odp=mark(groups.odp), otp=mark(groups.otp))
 
@@ -95,7 +103,7 @@ def _cases_worker(rank: int, world: int, across: bool) -> dict:
             out[(otp, t, fc1, dt)] = (y.numpy(), dict(counter.bytes_sent))
     # FlashComm1 helpers directly: reduce-scatter then all-gather == all-reduce
     tp = ParallelGroups.build(ParallelLayout(tp=world), shard_weights=()).tp
-    tp = replace(tp, spans_hosts=across)
+    tp = _two_hosts(tp) if across else tp
     for t in _token_counts(world):
         part = torch.randn(t, H, generator=torch.Generator().manual_seed(100 * t + rank))
         c = CommCounter()

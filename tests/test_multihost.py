@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from flashcomm import comm
 from flashcomm.bench import cluster
 from flashcomm.bench.cluster import Cluster
 from flashcomm.bench.hosts import torchrun_on_hosts
-from flashcomm.bench.link_model import link_bytes
+from flashcomm.bench.link_model import crossing_bytes, link_bytes
 from flashcomm.config import FlashCommConfig
 from flashcomm.launch import CPU_MALLOC_ENV
 from flashcomm.model_args import ModelArgs
@@ -202,3 +203,46 @@ def test_lost_peer_is_named_on_the_engines_launcher() -> None:
                      r"\S+ \(.*\) lost a peer on its own host: rank 1 \(pid \d+\): .*group "
                      r"timeout of 2 s", msg), msg
     assert sys.modules.get("flashcomm.groups") is not None
+
+
+GATHER_PROGRAM = '''
+import json, sys
+import torch, torch.distributed as dist
+from flashcomm import comm
+from flashcomm.bench.hosts_rank import _Link
+from flashcomm.groups import ParallelGroups
+from flashcomm.layout import ParallelLayout
+dist.init_process_group("gloo")
+tp = ParallelGroups.build(ParallelLayout(tp=dist.get_world_size()), shard_weights=()).tp
+rows, hidden = (int(a) for a in sys.argv[1:3])
+chunk = torch.randn(rows, hidden, generator=torch.Generator().manual_seed(tp.rank))
+with _Link("eth0") as link:
+    got = comm.all_gather_tokens(chunk, rows * tp.size, tp)
+want = torch.empty_like(got)
+dist.all_gather_into_tensor(want, chunk)
+out = {"equal": bool(torch.equal(got, want)), "hosts": list(tp.member_hosts), "link": link.sent}
+print("RESULT" + json.dumps(out))
+'''
+
+
+@needs_cluster
+def test_all_gather_crosses_to_each_host_once(tmp_path: Path) -> None:
+    """2 hosts x 2 ranks, chunks of several pieces (a ragged last one): the all-gather is exact,
+    the groups know each member's host, and each chunk crosses the link once (link_model), not
+    the 3 chunks per direction a ring over 4 ranks would send."""
+    rows, hidden = 300, 512  # 600 KiB a chunk: 2 pieces of 256 KiB and a ragged one
+    script = tmp_path / "gather.py"
+    script.write_text(GATHER_PROGRAM)
+    with Cluster(2, rate_mbit=1000, cores=[[0], [1 % len(cluster.os.sched_getaffinity(0))]]) as c:
+        res = torchrun_on_hosts(c, 2, [str(script), str(rows), str(hidden)], timeout_s=120)
+    _ok(res)
+    outs = [json.loads(line[len("RESULT"):]) for r in res for line in r.stdout.splitlines()
+            if line.startswith("RESULT")]
+    assert len(outs) == 4 and all(o["equal"] for o in outs), outs
+    assert all(o["hosts"] == [0, 0, 1, 1] for o in outs), outs
+    crossed = sum(o["link"]["payload"] for o in outs if o["link"] is not None)
+    chunk = rows * hidden * 4
+    assert chunk > comm.PIECE_BYTES
+    expected = crossing_bytes("all_gather", 3 * chunk, group=4, per_host=2)
+    assert expected == 4 * chunk  # each of the 4 chunks crosses to the other host once
+    assert abs(crossed / expected - 1) < 0.05, (crossed, expected)

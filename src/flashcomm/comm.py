@@ -21,15 +21,17 @@ Primitives per backend: one implementation per op and backend, the fastest measu
   all-to-all.
 - gloo across hosts (GroupHandle.spans_hosts): blocks larger than PIECE_BYTES travel in
   pieces, all posted at once, so both directions of every link stay busy. The all-to-all is a
-  pairwise exchange (`_pairwise`), the all-gather a ring whose pieces are forwarded as
-  they arrive (`_ring_all_gather`: with consecutive ranks on a host, only two ring edges cross
-  hosts). One whole-block message per direction (all_to_all_single, broadcasts) left a shaped
-  link half idle on some calls (BENCHMARKS.md, "The engine across two hosts"). Blocks of one
-  piece or less (decode) keep one message per block in one gloo work: all_to_all_single, for
-  the all-gather of n copies of the chunk (0.4 ms a call at T = 2 across a 500 Mbit/s link,
-  where n async broadcasts took 0.8 ms and point-to-point calls about 2 ms). Over loopback the
-  pieces cost more than they save (a [4096, 1024] fp32 all-gather: 14.9 against 11.7 ms at
-  N=2), hence the split.
+  pairwise exchange (`_pairwise`). The all-gather sends each chunk across to each other host
+  once, to one member there that forwards its pieces as they arrive (`_host_all_gather`,
+  routed by GroupHandle.member_hosts): at 2 hosts x 2 ranks 2 chunks cross per direction,
+  where a ring sent 3 (an all-gather of 1 MiB chunks at 100 Mbit/s: 207 against 299 ms). One
+  whole-block message per direction (all_to_all_single, broadcasts) left a shaped link half
+  idle on some calls (BENCHMARKS.md, "The engine across two hosts"). Blocks of one piece or
+  less (decode) keep one message per block in one gloo work: all_to_all_single, for the
+  all-gather of n copies of the chunk (0.4 ms a call at T = 2 across a 500 Mbit/s link, where n
+  async broadcasts took 0.8 ms and point-to-point calls about 2 ms). Over loopback the pieces
+  cost more than they save (a [4096, 1024] fp32 all-gather: 14.9 against 11.7 ms at N=2), hence
+  the split.
 - The reduce-scatter is the all-to-all plus a local sum (same (N-1)/N bytes); gloo's own ring
   collectives lose to these.
 - NCCL keeps the native reduce_scatter_single / all_gather_single / all_to_all_single /
@@ -165,24 +167,40 @@ def _reduce_scatter(x: torch.Tensor, group: GroupHandle) -> torch.Tensor:
     return out
 
 
-def _ring_all_gather(out: torch.Tensor, chunk: torch.Tensor, group: GroupHandle) -> None:
-    """Ring all-gather in pieces into out [n*c, ...]: at step s this rank sends block r-s to
-    r+1 and receives block r-s-1 from r-1, each piece forwarded as soon as it has arrived, so
-    the n-1 steps overlap. Each ring edge carries n-1 blocks; with consecutive ranks on a host
-    only two edges cross hosts, where sending every peer the block would cross with more."""
+def _host_all_gather(out: torch.Tensor, chunk: torch.Tensor, group: GroupHandle) -> None:
+    """All-gather across hosts into out [n*c, ...], in pieces: every block crosses to each other
+    host once, to one member there (its entry), which forwards each piece to its host's other
+    members as soon as it has arrived; members of one host send each other their own blocks
+    directly. A host so sends each of its blocks over the link once per other host, where a ring
+    sends n-1 blocks over each host-crossing edge (3 against 2 per direction at 2 hosts x 2)."""
     n, r, c = group.size, group.rank, chunk.shape[0]
+    host = group.member_hosts
     blocks = out.split(c)
     blocks[r].copy_(chunk)
-    right, left = group.global_rank((r + 1) % n), group.global_rank((r - 1) % n)
-    recvs = [[dist.irecv(p, left, group=group.group) for p in _pieces(blocks[(r - s - 1) % n])]
-             for s in range(n - 1)]
-    sends = []
-    for s in range(n - 1):
-        for j, piece in enumerate(_pieces(blocks[(r - s) % n])):
-            if s:
-                recvs[s - 1][j].wait()  # block r-s arrived at step s-1: forward it
-            sends.append(dist.isend(piece, right, group=group.group))
-    for w in [*recvs[-1], *sends]:
+    members = {h: [m for m in range(n) if host[m] == h] for h in host}
+
+    def entry(b: int, h: int) -> int:  # the member of host h that block b crosses to
+        return members[h][members[host[b]].index(b) % len(members[h])]
+
+    def source(b: int) -> int:  # who sends this rank block b: its owner, or our host's entry
+        return b if host[b] == host[r] or entry(b, host[r]) == r else entry(b, host[r])
+
+    def send(piece: torch.Tensor, to: int, b: int) -> dist.Work:  # tag = block: pairs carry several
+        return dist.isend(piece, group.global_rank(to), group=group.group, tag=b)
+
+    pieces = [_pieces(block) for block in blocks]  # equal shapes: equal cuts on every rank
+    recvs = {b: [dist.irecv(p, group.global_rank(source(b)), group=group.group, tag=b)
+                 for p in pieces[b]] for b in range(n) if b != r}
+    peers = [m for m in members[host[r]] if m != r]
+    sends = [send(p, entry(r, h), r) for h in members if h != host[r] for p in pieces[r]]
+    sends += [send(p, m, r) for m in peers for p in pieces[r]]
+    forwarded = [b for b in recvs if host[b] != host[r] and source(b) == b]
+    for j in range(len(pieces[r])):  # piece j of each block this rank is the entry for, in turn
+        for b in forwarded:
+            recvs[b][j].wait()
+            sends += [send(pieces[b][j], m, b) for m in peers]
+    # a gloo work must be waited once: a second wait blocks for a message that never comes
+    for w in [*(w for b, ws in recvs.items() if b not in forwarded for w in ws), *sends]:
         w.wait()
 
 
@@ -194,7 +212,7 @@ def _all_gather(chunk: torch.Tensor, group: GroupHandle) -> torch.Tensor:
     if not _gloo(group):
         dist.all_gather_single(out, chunk, group=group.group)
     elif _across_hosts(group) and chunk.nbytes > PIECE_BYTES:
-        _ring_all_gather(out, chunk, group)
+        _host_all_gather(out, chunk, group)
     elif _across_hosts(group):  # one piece: one all_to_all_single of n copies, one gloo work
         dist.all_to_all_single(out, chunk.repeat(n, *([1] * (chunk.dim() - 1))),
                                group=group.group)

@@ -82,9 +82,16 @@ class GroupHandle:
     """Global ranks in group-rank order."""
     rank: int
     """This process's rank inside the group."""
-    spans_hosts: bool = False
-    """Whether its members run on more than one host, so its traffic crosses a network link
-    (comm.py then sends large blocks in pieces); known for groups ParallelGroups builds."""
+    member_hosts: tuple[int, ...] = ()
+    """Host index of each member, in group-rank order (hosts numbered 0, 1, ... in the order of
+    their lowest global rank); empty when unknown, read as one host. Known for groups
+    ParallelGroups builds; comm.py routes cross-host traffic by it."""
+
+    @property
+    def spans_hosts(self) -> bool:
+        """Whether its members run on more than one host, so its traffic crosses a network link
+        (comm.py then sends large blocks in pieces, each across the link once per host)."""
+        return len(set(self.member_hosts)) > 1
 
     @property
     def size(self) -> int:
@@ -180,14 +187,16 @@ class ParallelGroups:
         gathered: list[HostInfo | None] = [None] * world
         dist.all_gather_object(gathered, HostInfo.here(rank))  # before any failure can happen
         hosts = tuple(h for h in gathered if h is not None)
+        where = [(h.host, h.address) for h in hosts]
+        host_index = [list(dict.fromkeys(where)).index(w) for w in where]  # 0, 1, ... by rank
 
         def family(groups: list[list[int]]) -> GroupHandle:
             mine = None
             for ranks in groups:  # every rank creates every group, in the same order
                 pg = dist.new_group(ranks, timeout=timeout) if len(ranks) > 1 else None
                 if rank in ranks:
-                    spans = len({(hosts[r].host, hosts[r].address) for r in ranks}) > 1
-                    mine = GroupHandle(pg, tuple(ranks), ranks.index(rank), spans)
+                    mine = GroupHandle(pg, tuple(ranks), ranks.index(rank),
+                                       tuple(host_index[r] for r in ranks))
             assert mine is not None, f"rank {rank} missing from {groups}"
             return mine
 

@@ -6,8 +6,8 @@ gloo's algorithm for each op, as flashcomm.comm issues them on gloo:
 - all_to_all, and reduce_scatter (comm.py runs it as an all-to-all): pairwise; a rank sends
   bytes/(N-1) to each peer, N-P of them on other hosts (P ranks per host);
 - all_gather across hosts (comm.py): a chunk of one piece (comm.PIECE_BYTES) or less goes to
-  every peer, pairwise like the all-to-all; a larger one goes round the ring, whose host-crossing
-  edges carry one rank's bytes each, like the all-reduce's;
+  every peer, pairwise like the all-to-all; a larger one crosses to each other host once
+  (comm._host_all_gather), so N chunks cross (hosts-1) times each;
 - the gather source's W_o fetch (one broadcast per member) and broadcast (the O-Shard owner
   fetch): gloo's binomial tree, whose edges across hosts depend on the root (bcast_crossings).
 On 2 hosts x 1 rank every op's bytes cross the link as the cost model counts them.
@@ -33,8 +33,8 @@ def bcast_crossings(root: int, group: int, per_host: int) -> int:
     return crossings
 
 
-def _crossing(op: str, nbytes: int, group: int, per_host: int, root: int = 0,
-              fetch: bool = False) -> float:
+def crossing_bytes(op: str, nbytes: int, group: int, per_host: int, root: int = 0,
+                   fetch: bool = False) -> float:
     """Bytes of one call (`nbytes` sent per rank, cost-model count) crossing links, all hosts;
     `root`: the broadcast's root (member index); `fetch`: a W_o fetch (broadcasts)."""
     hosts = group // per_host
@@ -47,8 +47,8 @@ def _crossing(op: str, nbytes: int, group: int, per_host: int, root: int = 0,
     if op == "all_gather" and fetch:  # one broadcast of nbytes/(N-1) rooted at each member
         return sum(bcast_crossings(r, group, per_host) for r in range(group)) * nbytes / (
             group - 1)
-    if op == "all_gather" and nbytes / (group - 1) > PIECE_BYTES:  # the ring
-        return hosts * nbytes
+    if op == "all_gather" and nbytes / (group - 1) > PIECE_BYTES:  # each chunk to each host once
+        return group * (hosts - 1) * nbytes / (group - 1)
     if op == "all_gather":  # the chunk to every peer
         return group * (group - per_host) * nbytes / (group - 1)
     if op == "broadcast":
@@ -63,7 +63,7 @@ def link_bytes(s: Strategy, shape: Shape, tokens: int, per_host: int,
     layer i's owner broadcast is rooted at member i mod N, as ShardedSeries places it);
     `threshold`: auto's resolved crossover."""
     calls = step_calls(s.path(tokens, threshold), shape, tokens)
-    total = sum(_crossing(c.op, c.nbytes, c.group, per_host) for c in calls)
+    total = sum(crossing_bytes(c.op, c.nbytes, c.group, per_host) for c in calls)
     fetches = step_fetches(s, shape, tokens, threshold)
-    return total + sum(_crossing(c.op, c.nbytes, c.group, per_host, root=i % c.group, fetch=True)
-                       for i, c in enumerate(fetches))
+    return total + sum(crossing_bytes(c.op, c.nbytes, c.group, per_host, root=i % c.group,
+                                      fetch=True) for i, c in enumerate(fetches))

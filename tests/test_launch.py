@@ -214,6 +214,13 @@ def _ranks_of(pid: int) -> list[int]:
     return sorted(out)
 
 
+def _interruptible() -> None:
+    """SIGINT back to its default in the child, as a terminal's shell leaves it: a test run
+    started in the background (`make test &`) inherits SIGINT ignored, and Python then installs
+    no KeyboardInterrupt handler, so Ctrl-C could not be tested."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class _Cli:
     """`flashcomm run --nproc 2` in a session of its own, stderr collected as it comes."""
 
@@ -222,7 +229,7 @@ class _Cli:
             [sys.executable, "-m", "flashcomm.cli", "run", "--model", str(ckpt), "--nproc", "2",
              "--token-ids", "1,2,3", "--max-new-tokens", "8000"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            start_new_session=True)
+            start_new_session=True, preexec_fn=_interruptible)
         self.err: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -250,3 +250,25 @@ def test_invalid_shapes_fail_before_any_collective():
         flashcomm2_o_proj(torch.zeros(3, 16), torch.zeros(H, 64), None, off, flashcomm1=True)
     with pytest.raises(ValueError, match="all_gather_tokens"):
         all_gather_tokens(torch.zeros(2, H), 37, GroupHandle(None, (0, 1, 2, 3), 0))
+
+
+def _uneven_gather_worker(rank: int, world: int) -> list[bool]:
+    """The host all-gather on uneven and interleaved host layouts, against gloo's own."""
+    tp = ParallelGroups.build(ParallelLayout(tp=world), shard_weights=()).tp
+    ok = []
+    for hosts in ((0, 0, 1), (0, 1, 0), (0, 1, 2)):
+        h = replace(tp, member_hosts=hosts)
+        chunk = torch.randn(MANY_PIECES // 4, H, generator=torch.Generator().manual_seed(rank))
+        got = all_gather_tokens(chunk, chunk.shape[0] * world, h)
+        want = torch.empty_like(got)
+        dist.all_gather_into_tensor(want, chunk)
+        ok.append(bool(torch.equal(got, want)))
+    return ok
+
+
+def test_host_all_gather_on_uneven_hosts() -> None:
+    """3 ranks on 2 hosts (2 + 1, in either order) and on 3 hosts: chunks of several pieces
+    arrive exactly, through the entry members' forwarding."""
+    assert (MANY_PIECES // 4) * H * ELT > comm.PIECE_BYTES
+    res = run_local(_uneven_gather_worker, 3, timeout_s=120, group_timeout_s=60)
+    assert res == [[True, True, True]] * 3
